@@ -1,0 +1,1 @@
+from jlora.errors import JloraError  # noqa: F401 (placeholder until the core lands)

@@ -1,0 +1,76 @@
+"""The exceptions jlora raises. Every one derives from :class:`JloraError`.
+
+Each error is raised before any work is done and its message names the problem and the fix.
+Subclasses also derive from the matching builtin (``ValueError``, ``TypeError``...) so that
+generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "JloraError",
+    "ConfigError",
+    "TargetError",
+    "ShapeError",
+    "LayoutError",
+    "AlreadyInjectedError",
+    "NotInjectedError",
+    "KeyTypeError",
+    "UnconsumedAdapterError",
+    "HFError",
+    "CheckpointError",
+    "MeshError",
+    "TrainingError",
+]
+
+
+class JloraError(Exception):
+    """Base class of every error jlora raises on bad input."""
+
+
+class ConfigError(JloraError, ValueError):
+    """A LoraConfig field (or a PEFT adapter_config) holds an invalid value."""
+
+
+class TargetError(JloraError, ValueError):
+    """Target rules match nothing, or match something that cannot be adapted."""
+
+
+class ShapeError(JloraError, ValueError):
+    """A tensor has the wrong shape (a rank too large, an adapter that does not fit...)."""
+
+
+class LayoutError(JloraError, ValueError):
+    """A multi-axis kernel needs ``jlora.layout(model, *args)`` to be adapted, or is unsupported."""
+
+
+class AlreadyInjectedError(JloraError, ValueError):
+    """``inject`` was called on a tree that already holds adapters."""
+
+
+class NotInjectedError(JloraError, ValueError):
+    """A function that needs adapters got a tree without any."""
+
+
+class KeyTypeError(JloraError, TypeError):
+    """A PRNG key argument is not a JAX key."""
+
+
+class UnconsumedAdapterError(JloraError, RuntimeError):
+    """``lora(fn, on_unconsumed='raise')`` ran and no supported layer read some adapter."""
+
+
+class HFError(JloraError, ValueError):
+    """A Hugging Face directory, safetensors file or PEFT adapter cannot be read or written."""
+
+
+class CheckpointError(JloraError, ValueError):
+    """An orbax checkpoint does not match this run (config, model, or a half-written step)."""
+
+
+class MeshError(JloraError, ValueError):
+    """A mesh, a partition rule, or a batch layout does not fit the devices or the data."""
+
+
+class TrainingError(JloraError, RuntimeError):
+    """Training cannot go on (for example too many non-finite steps in a row)."""

@@ -1,0 +1,48 @@
+"""What every jlora model architecture provides to the HF I/O layer (``jlora.hf``).
+
+Each architecture module (``llama``, ``gpt2``, ``bert``) defines one :class:`ArchSpec`
+named ``SPEC``. Param paths equal transformers' module names, so most of the name map is
+mechanical: ``<module>.weight`` -> ``<module>.kernel`` (transposed for nn.Linear) or
+``<module>.embedding`` / ``<module>.scale``; ``<module>.bias`` -> ``<module>.bias``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# A param keypath inside the 'params' collection, e.g. ("model", "layers", "0", "self_attn",
+# "q_proj", "kernel").
+ParamPath = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one transformers architecture maps onto a jlora linen model.
+
+    Attributes:
+      model_types: the ``model_type`` values of config.json this spec serves.
+      build: ``(hf_config: dict, dtype) -> flax.linen.Module``.
+      hf_to_params: ``(hf_tensor_name, array) -> (param path, array) | None``; ``None`` for
+        tensors transformers stores but the model does not use (buffers).
+      params_to_hf: ``(param path, array) -> list[(hf_tensor_name, array)]``; the inverse,
+        an empty list for nothing to write (a tied head).
+      expected_hf_keys: ``(hf_config) -> set[str]`` of tensor names a complete checkpoint
+        must hold (used to report missing / unexpected tensors).
+      auto_class: the transformers Auto class that loads a saved model.
+      fan_in_fan_out: dotted module-name suffixes whose HF weight is stored (in, out)
+        (GPT-2's Conv1D); PEFT export sets ``fan_in_fan_out: true`` for them.
+      example_inputs: ``(hf_config) -> tuple`` of example arguments for ``model.init``.
+    """
+
+    model_types: tuple[str, ...]
+    build: Callable[[Mapping[str, Any], Any], Any]
+    hf_to_params: Callable[[str, np.ndarray], tuple[ParamPath, np.ndarray] | None]
+    params_to_hf: Callable[[ParamPath, np.ndarray], list[tuple[str, np.ndarray]]]
+    expected_hf_keys: Callable[[Mapping[str, Any]], set[str]]
+    auto_class: str
+    example_inputs: Callable[[Mapping[str, Any]], tuple]
+    fan_in_fan_out: tuple[str, ...] = field(default=())
