@@ -1,0 +1,369 @@
+"""GPT-2 as a Flax linen model with ``transformers.GPT2LMHeadModel`` parity.
+
+Param paths equal the transformers module names (``transformer.h.0.attn.c_attn``), so PEFT
+``target_modules`` such as ``["c_attn"]`` carry over unchanged. GPT-2's ``Conv1D`` layers are
+plain ``nn.Dense`` here: ``Conv1D`` stores its weight as (in, out), which is already a Dense
+kernel, so the name map copies those tensors without a transpose (and PEFT marks them
+``fan_in_fan_out``). The output head is tied to ``wte`` (``wte.attend``) unless the config
+sets ``tie_word_embeddings: false``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.errors import HFError
+from jlora.models.base import ArchSpec, ParamPath
+
+__all__ = ["GPT2Config", "GPT2LMHeadModel", "SPEC"]
+
+_ACTIVATIONS = {
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """The fields of a GPT-2 ``config.json`` that change the math.
+
+    Example:
+      >>> GPT2Config.from_hf({"n_embd": 32, "n_head": 4, "n_layer": 2}).head_dim
+      8
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise HFError(
+                f"GPT-2 n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "fix config.json."
+            )
+        if self.activation_function not in _ACTIVATIONS:
+            raise HFError(
+                f"GPT-2 activation_function={self.activation_function!r} is not supported; "
+                f"use one of {sorted(_ACTIVATIONS)}."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Features per attention head."""
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the MLP (``n_inner``, or 4 * ``n_embd`` when unset)."""
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_hf(cls, hf_config: Mapping[str, Any]) -> GPT2Config:
+        """Reads the fields this model uses from a ``config.json`` dict; others are ignored."""
+        if hf_config.get("add_cross_attention"):
+            raise HFError("GPT-2 with add_cross_attention is not supported by jlora.")
+        names = cls.__dataclass_fields__
+        kwargs = {k: v for k, v in hf_config.items() if k in names and v is not None}
+        return cls(**kwargs)
+
+
+def _attend(q, k, v, mask, scale, dropout, deterministic):
+    """Softmax attention over (batch, len, heads, head_dim); ``mask`` broadcasts to (b,h,q,k)."""
+    w = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    w = jnp.where(mask, w, jnp.finfo(jnp.float32).min)
+    w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
+    w = dropout(w, deterministic=deterministic)
+    return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+class GPT2Attention(nn.Module):
+    """Causal self-attention with the fused ``c_attn`` projection."""
+
+    config: GPT2Config
+    layer_idx: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic=True, kv_cache=None, cache_index=None):
+        cfg = self.config
+        dense = lambda n, name: nn.Dense(
+            n, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        )
+        b, t, _ = x.shape
+        q, k, v = jnp.split(dense(3 * cfg.n_embd, "c_attn")(x), 3, axis=-1)
+        q, k, v = (y.reshape(b, t, cfg.n_head, cfg.head_dim) for y in (q, k, v))
+        new_cache = None
+        if kv_cache is not None:
+            ck, cv = kv_cache
+            start = (0, cache_index, 0, 0)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
+            k, v, new_cache = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv)
+        scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(self.layer_idx + 1)
+        drop = nn.Dropout(cfg.attn_pdrop, name="attn_dropout")
+        y = _attend(q, k, v, mask, scale, drop, deterministic).reshape(b, t, cfg.n_embd)
+        y = dense(cfg.n_embd, "c_proj")(y)
+        y = nn.Dropout(cfg.resid_pdrop, name="resid_dropout")(y, deterministic=deterministic)
+        return y, new_cache
+
+
+class GPT2MLP(nn.Module):
+    """``c_fc`` -> activation -> ``c_proj``."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = nn.Dense(cfg.inner_dim, name="c_fc", **kw)(x)
+        x = nn.Dense(cfg.n_embd, name="c_proj", **kw)(_ACTIVATIONS[cfg.activation_function](x))
+        return nn.Dropout(cfg.resid_pdrop, name="dropout")(x, deterministic=deterministic)
+
+
+class GPT2Block(nn.Module):
+    """Pre-LayerNorm transformer block: ``ln_1``, ``attn``, ``ln_2``, ``mlp``."""
+
+    config: GPT2Config
+    layer_idx: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic=True, kv_cache=None, cache_index=None):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        ln = lambda name: nn.LayerNorm(cfg.layer_norm_epsilon, name=name, **kw)
+        attn = GPT2Attention(cfg, self.layer_idx, name="attn", **kw)
+        y, new_cache = attn(ln("ln_1")(x), mask, deterministic, kv_cache, cache_index)
+        x = x + y
+        x = x + GPT2MLP(cfg, name="mlp", **kw)(ln("ln_2")(x), deterministic)
+        return x, new_cache
+
+
+class GPT2Blocks(nn.Module):
+    """The ``h`` container: blocks named ``'0'``, ``'1'``... as in ``nn.ModuleList``."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic=True, cache=None, cache_index=None):
+        new_cache = []
+        for i in range(self.config.n_layer):
+            block = GPT2Block(
+                self.config, i, dtype=self.dtype, param_dtype=self.param_dtype, name=str(i)
+            )
+            x, layer_cache = block(
+                x, mask, deterministic, None if cache is None else cache[i], cache_index
+            )
+            new_cache.append(layer_cache)
+        return x, (None if cache is None else tuple(new_cache))
+
+
+class GPT2Model(nn.Module):
+    """The ``transformer`` trunk: embeddings, blocks, final LayerNorm."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, mask, position_ids, deterministic=True, cache=None, index=None):
+        cfg = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, name="wte", **kw)
+        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, name="wpe", **kw)
+        x = wte(input_ids) + wpe(position_ids)
+        x = nn.Dropout(cfg.embd_pdrop, name="drop")(x, deterministic=deterministic)
+        x, new_cache = GPT2Blocks(cfg, name="h", **kw)(x, mask, deterministic, cache, index)
+        x = nn.LayerNorm(cfg.layer_norm_epsilon, name="ln_f", **kw)(x)
+        return x, wte, new_cache
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with its language-model head; ``apply`` returns logits (batch, len, vocab).
+
+    Args (of ``__call__``):
+      input_ids: int (batch, len).
+      attention_mask: optional (batch, len) of 1 for tokens and 0 for padding; padded keys
+        are never attended to. With a cache it covers the whole cache length.
+      position_ids: optional int (batch, len); defaults to ``arange(len)`` (offset by the
+        cache index when decoding), as transformers does.
+      deterministic: ``False`` turns dropout on (needs a ``'dropout'`` rng).
+      cache: optional KV cache from :meth:`init_cache`; then ``apply`` returns
+        ``(logits, new_cache)``.
+
+    Example:
+      >>> cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+      >>> model = GPT2LMHeadModel(cfg)
+      >>> ids = jnp.zeros((1, 4), jnp.int32)
+      >>> params = model.init(jax.random.key(0), ids)
+      >>> model.apply(params, ids).shape
+      (1, 4, 11)
+    """
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> dict:
+        """An empty KV cache: per layer (keys, values) of (batch, max_length, heads, head_dim).
+
+        Args:
+          batch_size: rows decoded together.
+          max_length: prompt plus generated tokens, at most ``n_positions``.
+          dtype: cache dtype; defaults to the model's compute dtype.
+
+        Returns:
+          ``{'layers': ((k, v), ...), 'index': int32 scalar}``; ``index`` is the number of
+          positions already written.
+        """
+        cfg = self.config
+        if max_length > cfg.n_positions:
+            raise HFError(
+                f"max_length={max_length} exceeds GPT-2's n_positions={cfg.n_positions}; "
+                "generate fewer tokens or use a shorter prompt."
+            )
+        shape = (batch_size, max_length, cfg.n_head, cfg.head_dim)
+        zeros = lambda: jnp.zeros(shape, dtype or self.dtype)
+        layers = tuple((zeros(), zeros()) for _ in range(cfg.n_layer))
+        return {"layers": layers, "index": jnp.zeros((), jnp.int32)}
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        deterministic: bool = True,
+        cache: dict | None = None,
+    ):
+        cfg = self.config
+        b, t = input_ids.shape
+        index = None if cache is None else cache["index"]
+        offset = 0 if index is None else index
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
+        kv_len = t if cache is None else cache["layers"][0][0].shape[1]
+        q_pos = offset + jnp.arange(t)
+        mask = q_pos[:, None] >= jnp.arange(kv_len)[None, :]  # (t, kv_len) causal
+        mask = mask[None, None]
+        if attention_mask is not None:
+            mask = mask & (attention_mask[:, None, None, :kv_len] > 0)
+        trunk = GPT2Model(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer")
+        layers = None if cache is None else cache["layers"]
+        x, wte, new_layers = trunk(input_ids, mask, position_ids, deterministic, layers, index)
+        if cfg.tie_word_embeddings:
+            logits = wte.attend(x)
+        else:
+            head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="lm_head",
+            )
+            logits = head(x)
+        if cache is None:
+            return logits
+        return logits, {"layers": new_layers, "index": index + t}
+
+
+# --------------------------------------------------------------------------- name map
+
+_PREFIX = "transformer."
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+_LAYER_NORMS = ("ln_1", "ln_2", "ln_f")
+_EMBEDS = ("wte", "wpe")
+
+
+def _hf_to_params(name: str, array: np.ndarray) -> tuple[ParamPath, np.ndarray] | None:
+    if name == "lm_head.weight":
+        return ("lm_head", "kernel"), np.ascontiguousarray(array.T)
+    if not name.startswith(_PREFIX):  # original OpenAI-era checkpoints carry no prefix
+        name = _PREFIX + name
+    if name.endswith(_BUFFER_SUFFIXES):
+        return None
+    *module, leaf = name.split(".")
+    if leaf == "weight":
+        last = module[-1]
+        leaf = "embedding" if last in _EMBEDS else "scale" if last in _LAYER_NORMS else "kernel"
+    elif leaf != "bias":
+        return None
+    return (*module, leaf), array
+
+
+def _params_to_hf(path: ParamPath, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    *module, leaf = path
+    if tuple(module) == ("lm_head",):
+        return [("lm_head.weight", np.ascontiguousarray(np.asarray(array).T))]
+    if leaf not in ("kernel", "embedding", "scale", "bias"):
+        raise HFError(f"GPT-2 has no HF tensor for param {'.'.join(path)!r}; merge adapters first.")
+    suffix = "bias" if leaf == "bias" else "weight"
+    return [(".".join((*module, suffix)), array)]
+
+
+def _expected_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
+    cfg = GPT2Config.from_hf(hf_config)
+    keys = {f"{_PREFIX}{m}.weight" for m in ("wte", "wpe")}
+    keys |= {f"{_PREFIX}ln_f.{p}" for p in ("weight", "bias")}
+    for i in range(cfg.n_layer):
+        for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+            keys |= {f"{_PREFIX}h.{i}.{m}.{p}" for p in ("weight", "bias")}
+    if not cfg.tie_word_embeddings:
+        keys.add("lm_head.weight")
+    return keys
+
+
+def _build(hf_config: Mapping[str, Any], dtype: Any = None) -> GPT2LMHeadModel:
+    dtype = jnp.float32 if dtype is None else dtype
+    return GPT2LMHeadModel(GPT2Config.from_hf(hf_config), dtype=dtype, param_dtype=dtype)
+
+
+def _example_inputs(hf_config: Mapping[str, Any]) -> tuple:
+    return (jnp.zeros((1, min(8, GPT2Config.from_hf(hf_config).n_positions)), jnp.int32),)
+
+
+SPEC = ArchSpec(
+    model_types=("gpt2",),
+    build=_build,
+    hf_to_params=_hf_to_params,
+    params_to_hf=_params_to_hf,
+    expected_hf_keys=_expected_hf_keys,
+    auto_class="AutoModelForCausalLM",
+    example_inputs=_example_inputs,
+    fan_in_fan_out=("c_attn", "c_proj", "c_fc"),
+)

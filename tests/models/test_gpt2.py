@@ -1,0 +1,168 @@
+"""GPT-2 parity with transformers' GPT2LMHeadModel, param names, name map and KV cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+from jlora.models import arch_spec
+from jlora.models.gpt2 import SPEC, GPT2Config, GPT2LMHeadModel
+
+TINY = dict(
+    vocab_size=97,
+    n_positions=32,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+
+
+def _load(path: Path):
+    """Loads a checkpoint through SPEC (stands in for jlora.hf.load until it is needed)."""
+    hf_config = json.loads((path / "config.json").read_text())
+    spec = arch_spec(hf_config["model_type"])
+    model = spec.build(hf_config, None)
+    tree: dict = {}
+    for name, array in load_file(path / "model.safetensors").items():
+        mapped = spec.hf_to_params(name, array)
+        if mapped is None:
+            continue
+        (*parents, leaf), value = mapped
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(value)
+    return model, {"params": tree}, hf_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
+    path = tmp_path_factory.mktemp("gpt2")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def _paths(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(k.key for k in kp) for kp, _ in flat}
+
+
+def test_logits_match_transformers_with_padding(tiny):
+    hf, path = tiny
+    model, params, _ = _load(path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, TINY["vocab_size"], (3, 10))
+    mask = np.ones((3, 10), np.int64)
+    mask[1, 6:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    with torch.no_grad():
+        ref = hf(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(pos),
+        ).logits.numpy()
+    out = np.asarray(model.apply(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pos)))
+    keep = mask.astype(bool)
+    assert np.abs(out[keep] - ref[keep]).max() <= 1e-4
+    # default position_ids = arange, as transformers
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids[:2]), attention_mask=torch.tensor(mask[:2])).logits
+    out = np.asarray(model.apply(params, jnp.asarray(ids[:2]), jnp.asarray(mask[:2])))
+    assert np.abs(out[keep[:2]] - ref.numpy()[keep[:2]]).max() <= 1e-4
+
+
+def test_param_paths_equal_transformers_module_names(tiny):
+    hf, path = tiny
+    model, params, hf_config = _load(path)
+    init = jax.eval_shape(model.init, jax.random.key(0), *SPEC.example_inputs(hf_config))
+    modules = {n for n, _ in hf.named_modules()}
+    tensors = {n for n, _ in hf.named_parameters()}
+    jl = _paths(init["params"])
+    assert {p.rsplit(".", 1)[0] for p in jl} <= modules
+    assert {p.rsplit(".", 1)[0] for p in jl} == {t.rsplit(".", 1)[0] for t in tensors}
+    assert _paths(params["params"]) == jl
+    shapes = jax.tree.map(lambda x: x.shape, params)
+    assert shapes == jax.tree.map(lambda x: x.shape, init)
+
+
+def test_name_map_round_trip(tiny):
+    _, path = tiny
+    hf_config = json.loads((path / "config.json").read_text())
+    saved = load_file(path / "model.safetensors")
+    assert set(saved) == SPEC.expected_hf_keys(hf_config)
+    back = {}
+    for name, array in saved.items():
+        p, a = SPEC.hf_to_params(name, array)
+        back.update(dict(SPEC.params_to_hf(p, a)))
+    assert set(back) == set(saved)
+    for k in saved:
+        np.testing.assert_array_equal(back[k], saved[k])
+    # OpenAI-era names: no prefix, causal-mask buffers
+    assert SPEC.hf_to_params("h.0.attn.bias", np.zeros((1, 1, 4, 4))) is None
+    assert SPEC.hf_to_params("h.3.attn.masked_bias", np.zeros(())) is None
+    path_, _ = SPEC.hf_to_params("h.3.attn.c_attn.bias", np.zeros(3))
+    assert path_ == ("transformer", "h", "3", "attn", "c_attn", "bias")
+    path_, _ = SPEC.hf_to_params("wte.weight", np.zeros((3, 2)))
+    assert path_ == ("transformer", "wte", "embedding")
+
+
+def test_untied_head(tmp_path):
+    torch.manual_seed(1)
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(**TINY, tie_word_embeddings=False)
+    ).eval()
+    hf.save_pretrained(tmp_path)
+    model, params, _ = _load(tmp_path)
+    assert params["params"]["lm_head"]["kernel"].shape == (TINY["n_embd"], TINY["vocab_size"])
+    ids = np.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    out = np.asarray(model.apply(params, jnp.asarray(ids)))
+    assert np.abs(out - ref).max() <= 1e-4
+
+
+def test_kv_cache_decode_equals_full_forward(tiny):
+    _, path = tiny
+    model, params, _ = _load(path)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, TINY["vocab_size"], (2, 9)))
+    full = model.apply(params, ids)
+    cache = model.init_cache(2, 12)
+    step = jax.jit(lambda p, x, c: model.apply(p, x, cache=c))
+    logits, cache = step(params, ids[:, :5], cache)  # prefill
+    outs = [logits]
+    for i in range(5, 9):
+        logits, cache = step(params, ids[:, i : i + 1], cache)
+        outs.append(logits)
+    assert int(cache["index"]) == 9
+    np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5)
+
+
+def test_bf16_runs():
+    cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = model.init(jax.random.key(0), ids)
+    assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+    assert model.apply(params, ids).dtype == jnp.bfloat16
+
+
+def test_dropout_needs_rng_and_changes_output():
+    cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    model = GPT2LMHeadModel(cfg)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = model.init(jax.random.key(0), ids)
+    a = model.apply(params, ids, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(a, model.apply(params, ids))
