@@ -121,11 +121,15 @@ class GPT2Attention(nn.Module):
         q, k, v = (y.reshape(b, t, cfg.n_head, cfg.head_dim) for y in (q, k, v))
         new_cache = None
         if kv_cache is not None:
-            ck, cv = kv_cache
             start = (0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-            k, v, new_cache = ck.astype(self.dtype), cv.astype(self.dtype), (ck, cv)
+            ck = jax.lax.dynamic_update_slice(
+                kv_cache["key"], k.astype(kv_cache["key"].dtype), start
+            )
+            cv = jax.lax.dynamic_update_slice(
+                kv_cache["value"], v.astype(kv_cache["value"].dtype), start
+            )
+            new_cache = {"key": ck, "value": cv}
+            k, v = ck.astype(self.dtype), cv.astype(self.dtype)
         scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= float(self.layer_idx + 1)
@@ -181,16 +185,16 @@ class GPT2Blocks(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, deterministic=True, cache=None, cache_index=None):
-        new_cache = []
+        new_cache = {}
         for i in range(self.config.n_layer):
+            name = str(i)
             block = GPT2Block(
-                self.config, i, dtype=self.dtype, param_dtype=self.param_dtype, name=str(i)
+                self.config, i, dtype=self.dtype, param_dtype=self.param_dtype, name=name
             )
-            x, layer_cache = block(
-                x, mask, deterministic, None if cache is None else cache[i], cache_index
+            x, new_cache[name] = block(
+                x, mask, deterministic, None if cache is None else cache[name], cache_index
             )
-            new_cache.append(layer_cache)
-        return x, (None if cache is None else tuple(new_cache))
+        return x, (None if cache is None else new_cache)
 
 
 class GPT2Model(nn.Module):
@@ -219,12 +223,13 @@ class GPT2LMHeadModel(nn.Module):
     Args (of ``__call__``):
       input_ids: int (batch, len).
       attention_mask: optional (batch, len) of 1 for tokens and 0 for padding; padded keys
-        are never attended to. With a cache it covers the whole cache length.
+        are never attended to. With a cache it covers the new tokens only.
       position_ids: optional int (batch, len); defaults to ``arange(len)`` (offset by the
         cache index when decoding), as transformers does.
-      deterministic: ``False`` turns dropout on (needs a ``'dropout'`` rng).
       cache: optional KV cache from :meth:`init_cache`; then ``apply`` returns
-        ``(logits, new_cache)``.
+        ``(logits, new_cache)``. The cache follows the contract of
+        :mod:`jlora.models.generate`.
+      deterministic: ``False`` turns dropout on (needs a ``'dropout'`` rng).
 
     Example:
       >>> cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
@@ -248,8 +253,8 @@ class GPT2LMHeadModel(nn.Module):
           dtype: cache dtype; defaults to the model's compute dtype.
 
         Returns:
-          ``{'layers': ((k, v), ...), 'index': int32 scalar}``; ``index`` is the number of
-          positions already written.
+          ``{'index': int32[], 'mask': bool[batch, max_length], 'layers': {'0': {'key': k,
+          'value': v}, ...}}`` as :mod:`jlora.models.generate` specifies.
         """
         cfg = self.config
         if max_length > cfg.n_positions:
@@ -259,8 +264,11 @@ class GPT2LMHeadModel(nn.Module):
             )
         shape = (batch_size, max_length, cfg.n_head, cfg.head_dim)
         zeros = lambda: jnp.zeros(shape, dtype or self.dtype)
-        layers = tuple((zeros(), zeros()) for _ in range(cfg.n_layer))
-        return {"layers": layers, "index": jnp.zeros((), jnp.int32)}
+        return {
+            "index": jnp.zeros((), jnp.int32),
+            "mask": jnp.zeros((batch_size, max_length), bool),
+            "layers": {str(i): {"key": zeros(), "value": zeros()} for i in range(cfg.n_layer)},
+        }
 
     @nn.compact
     def __call__(
@@ -268,8 +276,8 @@ class GPT2LMHeadModel(nn.Module):
         input_ids,
         attention_mask=None,
         position_ids=None,
-        deterministic: bool = True,
         cache: dict | None = None,
+        deterministic: bool = True,
     ):
         cfg = self.config
         b, t = input_ids.shape
@@ -277,12 +285,16 @@ class GPT2LMHeadModel(nn.Module):
         offset = 0 if index is None else index
         if position_ids is None:
             position_ids = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
-        kv_len = t if cache is None else cache["layers"][0][0].shape[1]
+        if cache is None:
+            key_valid = None if attention_mask is None else attention_mask > 0
+        else:
+            new = jnp.ones((b, t), bool) if attention_mask is None else attention_mask > 0
+            key_valid = jax.lax.dynamic_update_slice(cache["mask"], new, (0, index))
+        kv_len = t if cache is None else cache["mask"].shape[1]
         q_pos = offset + jnp.arange(t)
-        mask = q_pos[:, None] >= jnp.arange(kv_len)[None, :]  # (t, kv_len) causal
-        mask = mask[None, None]
-        if attention_mask is not None:
-            mask = mask & (attention_mask[:, None, None, :kv_len] > 0)
+        mask = (q_pos[:, None] >= jnp.arange(kv_len)[None, :])[None, None]  # causal
+        if key_valid is not None:
+            mask = mask & key_valid[:, None, None, :]
         trunk = GPT2Model(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer")
         layers = None if cache is None else cache["layers"]
         x, wte, new_layers = trunk(input_ids, mask, position_ids, deterministic, layers, index)
@@ -299,7 +311,7 @@ class GPT2LMHeadModel(nn.Module):
             logits = head(x)
         if cache is None:
             return logits
-        return logits, {"layers": new_layers, "index": index + t}
+        return logits, {"index": index + t, "mask": key_valid, "layers": new_layers}
 
 
 # --------------------------------------------------------------------------- name map

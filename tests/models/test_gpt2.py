@@ -140,6 +140,8 @@ def test_kv_cache_decode_equals_full_forward(tiny):
     ids = jnp.asarray(np.random.default_rng(1).integers(0, TINY["vocab_size"], (2, 9)))
     full = model.apply(params, ids)
     cache = model.init_cache(2, 12)
+    assert set(cache) == {"index", "mask", "layers"}
+    assert set(cache["layers"]) == {"0", "1"}
     step = jax.jit(lambda p, x, c: model.apply(p, x, cache=c))
     logits, cache = step(params, ids[:, :5], cache)  # prefill
     outs = [logits]
@@ -147,7 +149,26 @@ def test_kv_cache_decode_equals_full_forward(tiny):
         logits, cache = step(params, ids[:, i : i + 1], cache)
         outs.append(logits)
     assert int(cache["index"]) == 9
+    assert step._cache_size() == 2  # prefill + one decode shape
     np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5)
+
+
+def test_kv_cache_left_padded_decode(tiny):
+    _, path = tiny
+    model, params, _ = _load(path)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, TINY["vocab_size"], (2, 8)))
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    pos = jnp.clip(jnp.cumsum(mask, -1) - 1, 0)
+    full = model.apply(params, ids, mask, pos)
+    cache = model.init_cache(2, 8)
+    logits, cache = model.apply(params, ids[:, :4], mask[:, :4], pos[:, :4], cache)
+    outs = [logits]
+    for i in range(4, 8):
+        logits, cache = model.apply(params, ids[:, i : i + 1], None, pos[:, i : i + 1], cache)
+        outs.append(logits)
+    np.testing.assert_array_equal(cache["mask"], mask > 0)
+    keep = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.concatenate(outs, 1)[keep], np.asarray(full)[keep], atol=1e-5)
 
 
 def test_bf16_runs():
