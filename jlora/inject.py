@@ -1,0 +1,382 @@
+"""plan() and inject(): which kernels get adapters, and adding A/B leaves beside them."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+
+from jlora import paths as P
+from jlora.config import LoraConfig
+from jlora.errors import (
+    AlreadyInjectedError,
+    ConfigError,
+    KeyTypeError,
+    LayoutError,
+    ShapeError,
+    TargetError,
+)
+from jlora.layout import Layout
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanEntry:
+    """One kernel that would be adapted.
+
+    Attributes:
+      module: the module path (``model.layers.0.self_attn.q_proj``).
+      param: the adapted leaf (``kernel`` or ``embedding``).
+      shape: the kernel's shape; ``shape[:n_in]`` are input axes (A), the rest outputs (B).
+      n_in: number of leading input axes.
+      rank, alpha, scaling: the adapter's rank, alpha and scale.
+      dtype: the adapters' dtype (fp32 for a half-precision base, as PEFT autocasts).
+    """
+
+    module: str
+    param: str
+    shape: tuple[int, ...]
+    n_in: int
+    rank: int
+    alpha: float
+    scaling: float
+    dtype: Any
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        return (*self.shape[: self.n_in], self.rank)
+
+    @property
+    def b_shape(self) -> tuple[int, ...]:
+        return (self.rank, *self.shape[self.n_in:])
+
+    @property
+    def n_params(self) -> int:
+        return math.prod(self.a_shape) + math.prod(self.b_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The dry run of :func:`inject`; ``str(plan)`` is a table."""
+
+    entries: tuple[PlanEntry, ...]
+    base_params: int
+
+    @property
+    def adapter_params(self) -> int:
+        return sum(e.n_params for e in self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __str__(self) -> str:
+        head = ("path", "shape", "rank", "alpha", "scaling", "params")
+        rows = [(f"{e.module}.{e.param}", "x".join(map(str, e.shape)), str(e.rank),
+                 f"{e.alpha:g}", f"{e.scaling:.4g}", f"{e.n_params:,}") for e in self.entries]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = lambda r: "  ".join(  # noqa: E731
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)]
+        total = self.base_params + self.adapter_params
+        lines.append(f"{len(self.entries)} adapted kernels, {self.adapter_params:,} adapter "
+                     f"params ({100 * self.adapter_params / max(total, 1):.4f}% of {total:,})")
+        return "\n".join(lines)
+
+
+def _module_table(params: Any) -> tuple[dict[str, dict[str, Any]], set[str], dict[str, tuple]]:
+    """module path -> {leaf name: leaf}; every module path (containers too); raw keys."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=P.is_box)
+    leaves: dict[str, dict[str, Any]] = {}
+    modules: set[str] = set()
+    raw: dict[str, tuple] = {}
+    for kp, leaf in flat:
+        path = P.keypath_to_path(kp)
+        module, name = P.split_path(path)
+        leaves.setdefault(module, {})[name] = leaf
+        raw[module] = tuple(kp[:-1])
+        parts = module.split(".") if module else []
+        for i in range(1, len(parts) + 1):
+            modules.add(".".join(parts[:i]))
+    return leaves, modules, raw
+
+
+def _is_linear(module: str, leaf_names: dict[str, Any], layout: Layout | None) -> bool:
+    if "kernel" not in leaf_names or module.rsplit(".", 1)[-1] in P.OUTPUT_HEAD_NAMES:
+        return False
+    if layout is not None and module in layout:
+        return layout[module].kind in ("dense", "dense_general", "einsum")
+    return np.ndim(P.unbox(leaf_names["kernel"])) == 2
+
+
+def plan(params: Any, config: LoraConfig, *, layout: Layout | None = None) -> Plan:
+    """The dry run of :func:`inject`: which paths would be adapted, shapes, ranks, counts.
+
+    Raises the same errors as ``inject`` (nothing matched, a non-matrix target, a rank too
+    large, a pattern that matches no target, a multi-axis kernel without a layout).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.zeros((16, 32))
+      >>> params = {"attn": {"q": {"kernel": w}, "v": {"kernel": w}}}
+      >>> p = plan(params, LoraConfig(rank=4, alpha=8, targets=["q"]))
+      >>> [(e.module, e.a_shape, e.b_shape, e.scaling) for e in p]
+      [('attn.q', (16, 4), (4, 32), 2.0)]
+      >>> p.adapter_params
+      192
+    """
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(f"config must be a jlora.LoraConfig, got {type(config).__name__}; "
+                          "build one with jlora.LoraConfig(rank=..., targets=[...]).")
+    tree = P.params_of(params)
+    leaves, modules, _ = _module_table(tree)
+    adapted = sorted(f"{m}.{n}" if m else n for m, ls in leaves.items() for n in ls
+                     if P.is_adapter_name(n))
+    if adapted:
+        raise AlreadyInjectedError(
+            f"this tree already holds adapters ({adapted[0]}, ...): inject adds one adapter "
+            "per kernel. Use jlora.merge(params, unload=True) to fold them in first, or start "
+            "from the base params.")
+    targets = config.targets
+    if targets == P.ALL_LINEAR:
+        targets = tuple(sorted(m for m, ls in leaves.items() if _is_linear(m, ls, layout)))
+        if not targets:
+            raise TargetError("'all-linear' found no linear kernel (a 'kernel' leaf that is "
+                              "not the output head) in this tree.")
+    rule = lambda m: P.target_matches(  # noqa: E731
+        m, targets, exclude=config.exclude, layers=config.layers,
+        layers_pattern=config.layers_pattern)
+    matched = sorted(m for m in modules | set(leaves) if rule(m))
+    if not matched:
+        shown = targets if isinstance(targets, str) else ", ".join(targets)
+        probe = targets if isinstance(targets, str) else targets[0]
+        near = P.nearest(probe, [m for m in leaves if m])
+        raise TargetError(
+            f"targets {shown!r} match no module (exclude={config.exclude!r}, "
+            f"layers={config.layers!r}). Nearest module paths: {', '.join(near)}. A list entry "
+            "matches a path exactly or as a '.'-suffix; a string is a re.fullmatch regex.")
+
+    entries = []
+    for module in matched:
+        ls = leaves.get(module, {})
+        param = next((n for n in P.ADAPTABLE_PARAMS if n in ls), None)
+        if param is None:
+            if not ls:
+                kids = sorted(m for m in leaves if m.startswith(module + ".") and
+                              any(n in P.ADAPTABLE_PARAMS for n in leaves[m]))
+                raise TargetError(
+                    f"target matches {module!r}, a module that holds sub-modules, not a kernel. "
+                    f"Name the layers inside it instead, e.g. {', '.join(kids[:4]) or 'none'}.")
+            raise TargetError(
+                f"target matches {module!r}, whose params ({', '.join(sorted(ls))}) hold no "
+                "matrix: LoRA adapts a 'kernel' (Dense, DenseGeneral, Einsum, Conv) or an "
+                "'embedding' (Embed). Exclude it or narrow the targets.")
+        shape = tuple(np.shape(P.unbox(ls[param])))
+        entries.append(_entry(config, module, param, shape, ls[param], layout))
+
+    for name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, name):
+            if not any(re.match(rf"(.*\.)?({key})$", e.module) for e in entries):
+                raise ConfigError(
+                    f"{name} key {key!r} matches none of the {len(entries)} adapted modules "
+                    f"(e.g. {entries[0].module}); a key matches a module path's end as a regex.")
+    if config.init.startswith(("pissa", "olora")):
+        emb = [e.module for e in entries if e.param == "embedding"]
+        if emb:
+            raise ConfigError(f"init={config.init!r} decomposes kernels, but {emb[0]!r} is an "
+                              "embedding; exclude embeddings or use init='default'.")
+    base = sum(int(np.size(P.unbox(x))) for ls in leaves.values() for x in ls.values())
+    return Plan(tuple(entries), base)
+
+
+def _entry(config, module, param, shape, leaf, layout) -> PlanEntry:
+    where = f"{module}.{param}"
+    if param == "embedding" or len(shape) == 2:
+        if len(shape) != 2:
+            raise TargetError(f"{where} has shape {shape}; an embedding must be (vocab, features).")
+        n_in = 1
+        info = layout.get(module) if layout is not None else None
+        if info is not None and param == "kernel":
+            if info.unsupported:
+                raise LayoutError(f"{where}: LoRA cannot adapt this {info.kind}: "
+                                  f"{info.unsupported}. Exclude it from the targets.")
+            n_in = info.n_in
+    elif len(shape) < 2:
+        raise TargetError(f"target matches {module!r}, whose {param} has shape {shape}: not a "
+                          "matrix. Exclude it or narrow the targets.")
+    else:
+        if layout is None or module not in layout:
+            hint = ("pass layout=jlora.layout(model, *example_args) to inject/plan" if layout is
+                    None else "the layout has no layer at this path: trace it with the same model")
+            raise LayoutError(f"{where} has shape {shape}: a kernel with more than 2 axes "
+                              f"(DenseGeneral, Einsum, Conv) is ambiguous; {hint}.")
+        info = layout[module]
+        if info.unsupported:
+            raise LayoutError(f"{where}: LoRA cannot adapt this {info.kind}: "
+                              f"{info.unsupported}. Exclude it from the targets.")
+        n_in = info.n_in
+    rank, alpha = config.rank_for(module), config.alpha_for(module)
+    n_fan_in, n_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
+    if rank > min(n_fan_in, n_out):
+        raise ShapeError(f"rank {rank} for {where} exceeds min(in={n_fan_in}, out={n_out}) of "
+                         f"its {shape} kernel; lower rank (or set rank_pattern for this module).")
+    dtype = jnp.dtype(getattr(P.unbox(leaf), "dtype", jnp.float32))
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 4:
+        dtype = jnp.dtype(jnp.float32)
+    return PlanEntry(module, param, shape, n_in, rank, alpha, config.scaling_for(rank, alpha),
+                     dtype)
+
+
+def _check_key(key: Any) -> None:
+    ok = isinstance(key, jax.Array | np.ndarray) and (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,) and key.ndim == 1))
+    if not ok:
+        raise KeyTypeError(f"key must be a JAX PRNG key, got {type(key).__name__} "
+                           f"{getattr(key, 'dtype', '')}; pass jax.random.key(0).")
+
+
+def _kaiming(key, shape, fan_in, dtype):
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _init_ab(key, e: PlanEntry, init: str, kernel: jax.Array | None):
+    ka, kb = jax.random.split(key)
+    dt = e.dtype
+    fan_in = math.prod(e.shape[: e.n_in])
+    if e.param == "embedding":  # PEFT: A zero, B normal (random: both normal)
+        a = (jax.random.normal(ka, e.a_shape, dt) if init == "random"
+             else jnp.zeros(e.a_shape, dt))
+        return a, jax.random.normal(kb, e.b_shape, dt), None
+    if init in ("default", "random"):
+        a = _kaiming(ka, e.a_shape, fan_in, dt)
+        b = (_kaiming(kb, e.b_shape, e.rank, dt) if init == "random" else jnp.zeros(e.b_shape, dt))
+        return a, b, None
+    if init == "gaussian":
+        return jax.random.normal(ka, e.a_shape, dt) / e.rank, jnp.zeros(e.b_shape, dt), None
+    # pissa / olora: decompose the kernel as a (in, out) matrix, keep the residual
+    r, s = e.rank, e.scaling
+    w = jnp.asarray(kernel, jnp.float32).reshape(fan_in, -1)
+    if init == "olora":  # PEFT: QR of W (out, in) -> A = R_r^T, B = Q_r^T
+        q, rr = jnp.linalg.qr(w.T)
+        a, b = rr[:r].T, q[:, :r].T
+    else:
+        if init == "pissa":
+            u, sv, vh = jnp.linalg.svd(w, full_matrices=False)
+            u, sv, vh = u[:, :r], sv[:r], vh[:r]
+        else:
+            u, sv, vh = _svd_lowrank(ka, w, r, int(init.rsplit("_", 1)[-1]))
+        root = jnp.sqrt(sv / s)
+        a, b = u * root[None, :], root[:, None] * vh
+    residual = (w - s * (a @ b)).reshape(e.shape).astype(kernel.dtype)
+    return a.reshape(e.a_shape).astype(dt), b.reshape(e.b_shape).astype(dt), residual
+
+
+def _svd_lowrank(key, w, r, niter):
+    """Randomised SVD (Halko et al.), as torch.svd_lowrank used by PEFT's pissa_niter_N."""
+    q = min(r + 2, min(w.shape))
+    y = w @ jax.random.normal(key, (w.shape[1], q), w.dtype)
+    qm, _ = jnp.linalg.qr(y)
+    for _ in range(niter):
+        qm, _ = jnp.linalg.qr(w.T @ qm)
+        qm, _ = jnp.linalg.qr(w @ qm)
+    u, sv, vh = jnp.linalg.svd(qm.T @ w, full_matrices=False)
+    return (qm @ u)[:, :r], sv[:r], vh[:r]
+
+
+def _like(kernel_leaf: Any, value: jax.Array, axes: Sequence[int | None] | None) -> Any:
+    """Gives ``value`` the kernel's box and sharding, with axes picked from the kernel's.
+
+    ``axes`` lists, for each dim of value, the kernel dim whose sharding it takes (None: the
+    rank axis, replicated).
+    """
+    if P.is_box(kernel_leaf) and isinstance(kernel_leaf, meta.Partitioned):
+        names = tuple(kernel_leaf.names) + (None,) * 8
+        new = tuple(None if i is None else names[i] for i in axes)
+        return kernel_leaf.replace_boxed(value).replace(names=new)
+    if P.is_box(kernel_leaf):
+        return kernel_leaf.replace_boxed(value)
+    sharding = getattr(kernel_leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(kernel_leaf,
+                                                                          jax.core.Tracer):
+        spec = tuple(sharding.spec) + (None,) * 8
+        new = jax.sharding.PartitionSpec(*(None if i is None else spec[i] for i in axes))
+        return jax.device_put(value, jax.sharding.NamedSharding(sharding.mesh, new))
+    return value
+
+
+def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | None = None):
+    """Adds ``<param>_lora_a`` (in..., r), ``<param>_lora_b`` (r, out...) and the scale
+    ``<param>_lora_scale`` beside every kernel the config targets.
+
+    B starts at zero (A at zero for embeddings, as PEFT), so the model is unchanged at init
+    (except ``init='pissa'/'olora'``, which rewrite the kernel to its residual so that the
+    adapted model still equals the base, and ``init='random'``). A and B keep the kernel's
+    box and sharding: A takes its input axes, B its output axes.
+
+    Args:
+      params: what ``model.init`` returns, or a bare params tree.
+      config: the :class:`LoraConfig`.
+      key: a JAX PRNG key (``jax.random.key(0)``).
+      layout: ``jlora.layout(model, *example_args)``, needed for kernels with more than two
+        axes (DenseGeneral, Einsum, Conv).
+
+    Returns:
+      A new tree of the same kind with the adapter leaves added.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> params = {"params": {"q": {"kernel": jnp.ones((4, 6))}}}
+      >>> out = inject(params, LoraConfig(rank=2, targets=["q"]), jax.random.key(0))
+      >>> sorted(out["params"]["q"]), out["params"]["q"]["kernel_lora_a"].shape
+      (['kernel', 'kernel_lora_a', 'kernel_lora_b', 'kernel_lora_scale'], (4, 2))
+    """
+    _check_key(key)
+    p = plan(params, config, layout=layout)
+    tree = P.params_of(params)
+    leaves, _, raw = _module_table(tree)
+    keys = jax.random.split(key, len(p.entries))
+    additions: dict[tuple, dict[str, Any]] = {}
+    for k, e in zip(keys, p.entries):
+        leaf = leaves[e.module][e.param]
+        kernel = P.unbox(leaf)
+        a, b, residual = _init_ab(k, e, config.init, kernel)
+        rank_axis = [None]
+        new = {
+            f"{e.param}{P.A_SUFFIX}": _like(leaf, a, [*range(e.n_in), *rank_axis]),
+            f"{e.param}{P.B_SUFFIX}": _like(leaf, b, [*rank_axis, *range(e.n_in, len(e.shape))]),
+            f"{e.param}{P.SCALE_SUFFIX}": _like(leaf, jnp.asarray(e.scaling, jnp.float32), []),
+        }
+        if residual is not None:
+            new[e.param] = _like(leaf, residual, list(range(len(e.shape))))
+        additions[raw[e.module]] = new
+    return P.with_params(params, _insert(tree, additions))
+
+
+def _insert(tree: Any, additions: Mapping[tuple, Mapping[str, Any]]) -> Any:
+    """A copy of a nested-mapping tree with leaves added/replaced at the given module keys."""
+    by_first: dict[Any, dict[tuple, Mapping[str, Any]]] = {}
+    here: dict[str, Any] = {}
+    for keys, new in additions.items():
+        if not keys:
+            here.update(new)
+        else:
+            by_first.setdefault(keys[0], {})[keys[1:]] = new
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"cannot add adapters inside a {type(tree).__name__} node: jlora "
+                          "expects params as nested dicts, as linen makes them.")
+    out = dict(tree)
+    for k, sub in by_first.items():
+        name = k.key if isinstance(k, jax.tree_util.DictKey) else k
+        out[name] = _insert(tree[name], sub)
+    out.update(here)
+    return type(tree)(out) if not isinstance(tree, dict) else out

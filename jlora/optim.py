@@ -1,0 +1,165 @@
+"""Trainability: split / combine / labels, the optax optimizer over adapters only, summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from jlora import paths as P
+from jlora.errors import ConfigError, NotInjectedError
+
+TRAINABLE = "trainable"
+TRAINABLE_B = "trainable_b"
+FROZEN = "frozen"
+
+
+def _leaf_labels(tree: Any, fn) -> Any:
+    """Maps ``fn(leaf_name)`` over a tree's leaves (boxes whole); None stays None."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, _: fn(P.keypath_to_path(kp).rsplit(".", 1)[-1]), tree, is_leaf=P.is_box)
+
+
+def labels(params: Any, *, lora_plus: bool = False) -> Any:
+    """A pytree of ``'trainable'`` (adapter A and B) / ``'frozen'`` (everything else),
+    ready for ``optax.partition``. With ``lora_plus``, B leaves are ``'trainable_b'``.
+
+    Collections other than ``'params'`` of a variables dict are frozen.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jlora import LoraConfig, inject
+      >>> p = inject({"q": {"kernel": jnp.ones((4, 6))}}, LoraConfig(rank=2, targets=["q"]),
+      ...            jax.random.key(0))
+      >>> labels(p)["q"]  # doctest: +NORMALIZE_WHITESPACE
+      {'kernel': 'frozen', 'kernel_lora_a': 'trainable', 'kernel_lora_b': 'trainable',
+       'kernel_lora_scale': 'frozen'}
+    """
+
+    def label(name: str) -> str:
+        if lora_plus and name.endswith(P.B_SUFFIX):
+            return TRAINABLE_B
+        return TRAINABLE if P.is_trainable_name(name) else FROZEN
+
+    if P.is_variables(params):
+        out = {k: _leaf_labels(v, lambda _: FROZEN) for k, v in params.items() if k != "params"}
+        out["params"] = _leaf_labels(params["params"], label)
+        return type(params)(out) if not isinstance(params, dict) else out
+    return _leaf_labels(params, label)
+
+
+def split(params: Any) -> tuple[Any, Any]:
+    """Splits a tree into ``(trainable, frozen)`` trees of the same structure, with ``None``
+    where the other holds a leaf. Differentiate w.r.t. ``trainable`` only.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jlora import LoraConfig, inject
+      >>> p = inject({"q": {"kernel": jnp.ones((4, 6))}}, LoraConfig(rank=2, targets=["q"]),
+      ...            jax.random.key(0))
+      >>> trainable, frozen = split(p)
+      >>> sorted(k for k, v in trainable["q"].items() if v is not None)
+      ['kernel_lora_a', 'kernel_lora_b']
+      >>> jax.tree.structure(combine(trainable, frozen)) == jax.tree.structure(p)
+      True
+    """
+    lab = labels(params)
+    pick = lambda want: jax.tree.map(  # noqa: E731
+        lambda lb, x: x if (lb != FROZEN) == want else None, lab, params)
+    return pick(True), pick(False)
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """The inverse of :func:`split`: takes each leaf from whichever tree holds it."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                        is_leaf=lambda x: x is None or P.is_box(x))
+
+
+def _require_adapters(params: Any) -> None:
+    tree = P.params_of(params)
+    if not any(P.is_trainable_name(p.rsplit(".", 1)[-1]) for p, _ in P.leaves_with_paths(tree)):
+        raise NotInjectedError("this tree holds no LoRA adapters to train; call "
+                               "jlora.inject(params, config, key) first.")
+
+
+def optimizer(tx: optax.GradientTransformation, params: Any, *,
+              lora_plus_ratio: float | None = None) -> optax.GradientTransformation:
+    """``optax.partition`` of ``tx`` over the adapters; frozen leaves get zero updates and
+    keep no optimizer state.
+
+    Works on the whole adapted tree (frozen gradients are ignored) or on the ``trainable``
+    half of :func:`split`. ``optax.masked`` alone would not freeze: masked-out leaves pass
+    their gradients through.
+
+    Args:
+      tx: the optimizer for adapters, e.g. ``optax.adamw(2e-4)``.
+      params: the adapted tree (checked to hold adapters).
+      lora_plus_ratio: LoRA+ (Hayou et al. 2024): B's updates are scaled by this ratio,
+        i.e. B's learning rate is ``ratio * lr`` (A and B then keep separate optimizer state).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jlora import LoraConfig, inject
+      >>> p = inject({"q": {"kernel": jnp.ones((4, 6))}}, LoraConfig(rank=2, targets=["q"]),
+      ...            jax.random.key(0))
+      >>> tx = optimizer(optax.adam(1e-3), p)
+      >>> state = tx.init(p)
+      >>> grads = jax.tree.map(jnp.ones_like, p)
+      >>> updates, state = tx.update(grads, state, p)
+      >>> u = updates["q"]
+      >>> float(abs(u["kernel"]).max()), round(float(u["kernel_lora_a"][0, 0]), 6)
+      (0.0, -0.001)
+    """
+    _require_adapters(params)
+    transforms = {TRAINABLE: tx, FROZEN: optax.set_to_zero()}
+    if lora_plus_ratio is not None:
+        if isinstance(lora_plus_ratio, bool) or not isinstance(lora_plus_ratio, int | float) \
+                or not math.isfinite(lora_plus_ratio) or lora_plus_ratio <= 0:
+            raise ConfigError(f"lora_plus_ratio={lora_plus_ratio!r} must be a positive number "
+                              "(the LoRA+ paper uses 16).")
+        transforms[TRAINABLE_B] = optax.chain(tx, optax.scale(float(lora_plus_ratio)))
+    return optax.partition(
+        transforms, functools.partial(labels, lora_plus=lora_plus_ratio is not None))
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Trainable and total parameter counts; ``str()`` is PEFT's print_trainable_parameters."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
+                f"trainable%: {self.percent:.4f}")
+
+
+def summary(params: Any) -> Summary:
+    """Counts trainable (adapter) and total parameters of an adapted tree.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jlora import LoraConfig, inject
+      >>> p = inject({"q": {"kernel": jnp.ones((4, 6))}}, LoraConfig(rank=2, targets=["q"]),
+      ...            jax.random.key(0))
+      >>> print(summary(p))
+      trainable params: 20 || all params: 44 || trainable%: 45.4545
+    """
+    trainable = total = 0
+    for path, leaf in P.leaves_with_paths(P.params_of(params)):
+        name = path.rsplit(".", 1)[-1]
+        if name.endswith((P.SCALE_SUFFIX, P.MERGED_SUFFIX)):
+            continue  # bookkeeping scalars, not parameters
+        n = int(np.size(P.unbox(leaf)))
+        total += n
+        trainable += n if P.is_trainable_name(name) else 0
+    return Summary(trainable, total)

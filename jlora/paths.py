@@ -1,0 +1,232 @@
+"""Paths and target rules.
+
+One path representation: a leaf's JAX keypath joined with ``.``, without the collection name
+(``model.layers.0.self_attn.q_proj.kernel``); the *module path* drops the param name
+(``model.layers.0.self_attn.q_proj``). Target rules are PEFT's, to the letter
+(``peft.tuners.tuners_utils.check_target_module_exists`` and ``peft.utils.other.get_pattern_key``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+from flax.core import meta
+
+# Leaf-name suffixes of adapter state, beside the adapted param ``<param>``.
+A_SUFFIX = "_lora_a"
+B_SUFFIX = "_lora_b"
+SCALE_SUFFIX = "_lora_scale"
+MERGED_SUFFIX = "_lora_merged"  # replaces SCALE_SUFFIX once the adapter is folded in
+LORA_MARK = "_lora_"
+TRAINABLE_SUFFIXES = (A_SUFFIX, B_SUFFIX)
+
+# Params that LoRA can adapt: linen's Dense/DenseGeneral/Einsum/Conv ``kernel`` and Embed's
+# ``embedding``.
+ADAPTABLE_PARAMS = ("kernel", "embedding")
+# Output heads that "all-linear" leaves out (PEFT drops the model's output embeddings).
+OUTPUT_HEAD_NAMES = ("lm_head",)
+ALL_LINEAR = "all-linear"
+
+
+def _key_str(k: Any) -> str:
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return str(k.name)
+    if isinstance(k, jax.tree_util.FlattenedIndexKey):
+        return str(k.key)
+    return str(k)
+
+
+def keypath_to_path(keypath: Sequence[Any]) -> str:
+    """Joins a JAX keypath into a dotted path.
+
+    Example:
+      >>> import jax
+      >>> [(kp, _)] = jax.tree_util.tree_flatten_with_path({"a": {"b": [0]}})[0]
+      >>> keypath_to_path(kp)
+      'a.b.0'
+    """
+    return ".".join(_key_str(k) for k in keypath)
+
+
+def is_variables(tree: Any) -> bool:
+    """True for what ``model.init`` returns (a dict holding a ``'params'`` collection)."""
+    return isinstance(tree, Mapping) and "params" in tree and isinstance(tree["params"], Mapping)
+
+
+def params_of(tree: Any) -> Any:
+    """The params collection of a variables dict, or the tree itself when it is bare."""
+    return tree["params"] if is_variables(tree) else tree
+
+
+def with_params(tree: Any, params: Any) -> Any:
+    """Puts ``params`` back where :func:`params_of` took it from (same kind of tree)."""
+    if is_variables(tree):
+        out = dict(tree)
+        out["params"] = params
+        return type(tree)(out) if not isinstance(tree, dict) else out
+    return params
+
+
+def is_box(x: Any) -> bool:
+    return isinstance(x, meta.AxisMetadata)
+
+
+def unbox(x: Any) -> Any:
+    return x.unbox() if is_box(x) else x
+
+
+def leaves_with_paths(params: Any) -> list[tuple[str, Any]]:
+    """``(dotted path, leaf)`` for every leaf of a bare params tree (boxes kept whole)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)
+    return [(keypath_to_path(kp), leaf) for kp, leaf in flat]
+
+
+def split_path(path: str) -> tuple[str, str]:
+    """``'a.b.kernel'`` -> ``('a.b', 'kernel')``."""
+    module, _, name = path.rpartition(".")
+    return module, name
+
+
+def is_adapter_name(name: str) -> bool:
+    """True for a leaf name that holds adapter state (``kernel_lora_a``, ...)."""
+    return LORA_MARK in name
+
+
+def is_trainable_name(name: str) -> bool:
+    """True for the leaves LoRA trains (A and B)."""
+    return name.endswith(TRAINABLE_SUFFIXES)
+
+
+def base_name(name: str) -> str:
+    """``'kernel_lora_a'`` -> ``'kernel'``."""
+    return name.split(LORA_MARK, 1)[0]
+
+
+# --------------------------------------------------------------------------- target rules
+
+
+def _as_tuple(x: str | Iterable[str] | None) -> tuple[str, ...] | str | None:
+    if x is None or isinstance(x, str):
+        return x
+    return tuple(x)
+
+
+def target_matches(
+    path: str,
+    targets: str | Sequence[str],
+    *,
+    exclude: str | Sequence[str] | None = None,
+    layers: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+) -> bool:
+    """Whether a module path is a LoRA target, with PEFT's exact semantics.
+
+    * ``exclude`` wins: a string is ``re.fullmatch``; a list matches an entry exactly or as
+      a ``.``-suffix.
+    * ``targets`` as a string is ``re.fullmatch`` on the path; as a list, an entry matches
+      exactly or as a ``.``-suffix.
+    * ``layers`` (PEFT's ``layers_to_transform``) then keeps only modules whose first numbered
+      path segment (after ``layers_pattern`` when given) is in ``layers``. As in PEFT it
+      applies to suffix matches of a list only, not to regex or exact matches.
+
+    Example:
+      >>> target_matches("model.layers.0.self_attn.q_proj", ["q_proj", "v_proj"])
+      True
+      >>> target_matches("model.layers.0.self_attn.q_proj", ["q_proj"], layers=[1])
+      False
+      >>> target_matches("model.layers.0.self_attn.q_proj", r".*\\.(q|v)_proj")
+      True
+    """
+    exclude = _as_tuple(exclude)
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, path):
+                return False
+        elif path in exclude or any(path.endswith(f".{e}") for e in exclude):
+            return False
+
+    targets = _as_tuple(targets)
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    if path in targets:
+        return True
+    found = any(path.endswith(f".{t}") for t in targets)
+    if isinstance(layers, list | tuple):
+        using_layers = len(layers) != 0
+    else:
+        using_layers = layers is not None
+    if not (using_layers and found):
+        return found
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def pattern_key(pattern_keys: Iterable[str], path: str) -> str | None:
+    """The first rank/alpha pattern key that matches a module path (PEFT's get_pattern_key).
+
+    A key matches when the path ends with it as a regex after an optional ``<anything>.``.
+
+    Example:
+      >>> pattern_key(["v_proj", r"layers\\.1\\..*"], "model.layers.1.self_attn.q_proj")
+      'layers\\\\.1\\\\..*'
+      >>> pattern_key(["v_proj"], "model.layers.1.self_attn.q_proj") is None
+      True
+    """
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def nearest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """Candidates closest to ``name`` (by last segment first, then whole path)."""
+    candidates = sorted(set(candidates))
+    last = {c.rsplit(".", 1)[-1]: c for c in candidates}
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], list(last), n=n, cutoff=0.4)
+    out = [last[c] for c in close]
+    for c in difflib.get_close_matches(name, candidates, n=n, cutoff=0.3):
+        if c not in out:
+            out.append(c)
+    return out[:n] or candidates[:n]
+
+
+def map_modules(tree: Any, fn: Any, _prefix: str = "") -> Any:
+    """Rebuilds a nested-mapping params tree module by module.
+
+    ``fn(module_path, leaves) -> leaves`` gets each module's direct leaves (a dict of name ->
+    leaf, boxes kept whole) and returns the new ones; sub-modules are rebuilt recursively.
+    The container types of the tree are kept.
+    """
+    if not isinstance(tree, Mapping):
+        return tree
+    subs = {k: v for k, v in tree.items() if isinstance(v, Mapping)}
+    leaves = {k: v for k, v in tree.items() if not isinstance(v, Mapping)}
+    out = {}
+    for k, v in subs.items():
+        out[k] = map_modules(v, fn, f"{_prefix}.{k}" if _prefix else str(k))
+    out.update(fn(_prefix, leaves) if leaves else leaves)
+    return out if isinstance(tree, dict) else type(tree)(out)
+
+
+def adapter_params(leaves: Mapping[str, Any]) -> list[str]:
+    """Names of the adapted params among one module's leaves (``['kernel']``)."""
+    return sorted(n[: -len(A_SUFFIX)] for n in leaves if n.endswith(A_SUFFIX))
