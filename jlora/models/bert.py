@@ -1,0 +1,348 @@
+"""BERT as a Flax linen encoder with ``transformers.BertModel`` parity (``AutoModel``).
+
+Param paths equal the transformers module names of ``BertModel``
+(``encoder.layer.0.attention.self.query``, ``embeddings.LayerNorm``, ``pooler.dense``), so
+PEFT ``target_modules`` such as ``["query", "value"]`` carry over unchanged. The name map
+reads checkpoints with or without the ``bert.`` prefix that task heads add
+(``BertForMaskedLM``...), drops the heads and buffers, and writes what ``BertModel`` saves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.errors import HFError
+from jlora.models.base import ArchSpec, ParamPath
+
+__all__ = ["BertConfig", "BertModel", "BertOutput", "SPEC"]
+
+_ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The fields of a BERT ``config.json`` that change the math.
+
+    Example:
+      >>> BertConfig.from_hf({"hidden_size": 32, "num_attention_heads": 4}).head_dim
+      8
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    add_pooling_layer: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise HFError(
+                f"BERT hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}; fix config.json."
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise HFError(
+                f"BERT hidden_act={self.hidden_act!r} is not supported; "
+                f"use one of {sorted(_ACTIVATIONS)}."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Features per attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf_config: Mapping[str, Any]) -> BertConfig:
+        """Reads the fields this model uses from a ``config.json`` dict; others are ignored."""
+        kind = hf_config.get("position_embedding_type", "absolute")
+        if kind != "absolute":
+            raise HFError(
+                f"BERT position_embedding_type={kind!r} is not supported; jlora's BERT has "
+                "absolute position embeddings only."
+            )
+        if hf_config.get("is_decoder") or hf_config.get("add_cross_attention"):
+            raise HFError("BERT as a decoder (is_decoder / add_cross_attention) is not supported.")
+        names = cls.__dataclass_fields__
+        kwargs = {k: v for k, v in hf_config.items() if k in names and v is not None}
+        return cls(**kwargs)
+
+
+class BertOutput(NamedTuple):
+    """What :class:`BertModel` returns.
+
+    Attributes:
+      last_hidden_state: (batch, len, hidden).
+      pooler_output: (batch, hidden), ``tanh(dense(h[:, 0]))``; ``None`` without a pooler.
+    """
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array | None
+
+
+class _Module(nn.Module):
+    config: BertConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def _kw(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def _dense(self, features: int, name: str) -> nn.Dense:
+        return nn.Dense(features, name=name, **self._kw())
+
+    def _norm(self, name: str = "LayerNorm") -> nn.LayerNorm:
+        return nn.LayerNorm(self.config.layer_norm_eps, name=name, **self._kw())
+
+    def _dropout(self, rate: float, x, deterministic: bool):
+        return nn.Dropout(rate)(x, deterministic=deterministic)
+
+
+class BertEmbeddings(_Module):
+    """Word + position + token-type embeddings, then LayerNorm."""
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, position_ids, deterministic=True):
+        cfg, kw = self.config, self._kw()
+        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="word_embeddings", **kw)(input_ids)
+        pos = nn.Embed(
+            cfg.max_position_embeddings, cfg.hidden_size, name="position_embeddings", **kw
+        )
+        typ = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, name="token_type_embeddings", **kw)
+        x = x + typ(token_type_ids) + pos(position_ids)
+        return self._dropout(cfg.hidden_dropout_prob, self._norm()(x), deterministic)
+
+
+class BertSelfAttention(_Module):
+    """``query``, ``key``, ``value`` projections and masked softmax attention."""
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic=True):
+        cfg = self.config
+        b, t, _ = x.shape
+        heads = lambda name: self._dense(cfg.hidden_size, name)(x).reshape(
+            b, t, cfg.num_attention_heads, cfg.head_dim
+        )
+        q, k, v = heads("query"), heads("key"), heads("value")
+        w = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        w = jnp.where(mask, w, jnp.finfo(jnp.float32).min)
+        w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
+        w = self._dropout(cfg.attention_probs_dropout_prob, w, deterministic)
+        return jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, t, cfg.hidden_size)
+
+
+class BertResidual(_Module):
+    """``dense`` -> dropout -> ``LayerNorm(y + residual)`` (BertSelfOutput / BertOutput)."""
+
+    @nn.compact
+    def __call__(self, x, residual, deterministic=True):
+        y = self._dense(self.config.hidden_size, "dense")(x)
+        y = self._dropout(self.config.hidden_dropout_prob, y, deterministic)
+        return self._norm()(y + residual)
+
+
+class BertAttention(_Module):
+    """``self`` attention followed by its ``output`` block."""
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic=True):
+        y = BertSelfAttention(self.config, name="self", **self._kw())(x, mask, deterministic)
+        return BertResidual(self.config, name="output", **self._kw())(y, x, deterministic)
+
+
+class BertIntermediate(_Module):
+    """``dense`` up-projection and activation."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = self._dense(self.config.intermediate_size, "dense")(x)
+        return _ACTIVATIONS[self.config.hidden_act](y)
+
+
+class BertLayer(_Module):
+    """``attention``, ``intermediate``, ``output``."""
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic=True):
+        kw = self._kw()
+        h = BertAttention(self.config, name="attention", **kw)(x, mask, deterministic)
+        y = BertIntermediate(self.config, name="intermediate", **kw)(h)
+        return BertResidual(self.config, name="output", **kw)(y, h, deterministic)
+
+
+class BertLayers(_Module):
+    """The ``layer`` container: layers named ``'0'``, ``'1'``... as in ``nn.ModuleList``."""
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic=True):
+        for i in range(self.config.num_hidden_layers):
+            x = BertLayer(self.config, name=str(i), **self._kw())(x, mask, deterministic)
+        return x
+
+
+class BertEncoder(_Module):
+    """``encoder``: holds ``layer``."""
+
+    @nn.compact
+    def __call__(self, x, mask, deterministic=True):
+        return BertLayers(self.config, name="layer", **self._kw())(x, mask, deterministic)
+
+
+class BertPooler(_Module):
+    """``tanh(dense(h[:, 0]))``."""
+
+    @nn.compact
+    def __call__(self, hidden):
+        return jnp.tanh(self._dense(self.config.hidden_size, "dense")(hidden[:, 0]))
+
+
+class BertModel(_Module):
+    """The BERT encoder; ``apply`` returns a :class:`BertOutput`.
+
+    Args (of ``__call__``):
+      input_ids: int (batch, len).
+      attention_mask: optional (batch, len) of 1 for tokens and 0 for padding.
+      token_type_ids: optional int (batch, len); zeros by default.
+      position_ids: optional int (batch, len); ``arange(len)`` by default.
+      deterministic: ``False`` turns dropout on (needs a ``'dropout'`` rng).
+
+    Example:
+      >>> cfg = BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=1,
+      ...                  num_attention_heads=2, intermediate_size=16,
+      ...                  max_position_embeddings=8)
+      >>> model = BertModel(cfg)
+      >>> ids = jnp.ones((2, 5), jnp.int32)
+      >>> params = model.init(jax.random.key(0), ids)
+      >>> out = model.apply(params, ids, jnp.ones((2, 5), jnp.int32))
+      >>> out.last_hidden_state.shape, out.pooler_output.shape
+      ((2, 5, 8), (2, 8))
+    """
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        deterministic: bool = True,
+    ) -> BertOutput:
+        cfg, kw = self.config, self._kw()
+        b, t = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((b, t), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        mask = (attention_mask > 0)[:, None, None, :]
+        emb = BertEmbeddings(cfg, name="embeddings", **kw)
+        x = emb(input_ids, token_type_ids, position_ids, deterministic)
+        x = BertEncoder(cfg, name="encoder", **kw)(x, mask, deterministic)
+        pooled = BertPooler(cfg, name="pooler", **kw)(x) if cfg.add_pooling_layer else None
+        return BertOutput(x, pooled)
+
+
+# --------------------------------------------------------------------------- name map
+
+_HEAD_PREFIXES = ("cls.", "classifier.", "qa_outputs.", "lm_head.")
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+_LINEAR_NAMES = ("query", "key", "value", "dense")
+
+
+def _hf_to_params(name: str, array: np.ndarray) -> tuple[ParamPath, np.ndarray] | None:
+    if name.startswith(_HEAD_PREFIXES):
+        return None  # task heads: BertModel (AutoModel) does not have them
+    name = name.removeprefix("bert.")
+    if name in _BUFFERS:
+        return None
+    *module, leaf = name.split(".")
+    if not module:
+        return None
+    last = module[-1]
+    if leaf in ("gamma", "beta"):  # TF-era LayerNorm names
+        leaf = "weight" if leaf == "gamma" else "bias"
+    if leaf == "bias":
+        return (*module, "bias"), array
+    if leaf != "weight":
+        return None
+    if last.endswith("_embeddings"):
+        return (*module, "embedding"), array
+    if last == "LayerNorm":
+        return (*module, "scale"), array
+    if last in _LINEAR_NAMES:
+        return (*module, "kernel"), np.ascontiguousarray(array.T)
+    return None
+
+
+def _params_to_hf(path: ParamPath, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    *module, leaf = path
+    module_name = ".".join(module)
+    if leaf == "kernel":
+        return [(f"{module_name}.weight", np.ascontiguousarray(np.asarray(array).T))]
+    if leaf in ("embedding", "scale"):
+        return [(f"{module_name}.weight", array)]
+    if leaf == "bias":
+        return [(f"{module_name}.bias", array)]
+    raise HFError(f"BERT has no HF tensor for param {'.'.join(path)!r}; merge adapters first.")
+
+
+def _expected_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
+    cfg = BertConfig.from_hf(hf_config)
+    both = lambda m: {f"{m}.weight", f"{m}.bias"}
+    keys = {f"embeddings.{e}_embeddings.weight" for e in ("word", "position", "token_type")}
+    keys |= both("embeddings.LayerNorm")
+    for i in range(cfg.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        for m in ("attention.self.query", "attention.self.key", "attention.self.value"):
+            keys |= both(p + m)
+        for m in ("attention.output.dense", "attention.output.LayerNorm"):
+            keys |= both(p + m)
+        for m in ("intermediate.dense", "output.dense", "output.LayerNorm"):
+            keys |= both(p + m)
+    if cfg.add_pooling_layer:
+        keys |= both("pooler.dense")
+    return keys
+
+
+def _build(hf_config: Mapping[str, Any], dtype: Any = None) -> BertModel:
+    dtype = jnp.float32 if dtype is None else dtype
+    return BertModel(BertConfig.from_hf(hf_config), dtype=dtype, param_dtype=dtype)
+
+
+def _example_inputs(hf_config: Mapping[str, Any]) -> tuple:
+    t = min(8, BertConfig.from_hf(hf_config).max_position_embeddings)
+    return (jnp.zeros((1, t), jnp.int32),)
+
+
+SPEC = ArchSpec(
+    model_types=("bert",),
+    build=_build,
+    hf_to_params=_hf_to_params,
+    params_to_hf=_params_to_hf,
+    expected_hf_keys=_expected_hf_keys,
+    auto_class="AutoModel",
+    example_inputs=_example_inputs,
+)

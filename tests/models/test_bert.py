@@ -1,0 +1,161 @@
+"""BERT parity with transformers' BertModel, param names and the name map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+from jlora.models import arch_spec
+from jlora.models.bert import SPEC, BertConfig, BertModel
+
+TINY = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=48,
+    max_position_embeddings=32,
+    type_vocab_size=2,
+)
+
+
+def _load(path: Path):
+    """Loads a checkpoint through SPEC (stands in for jlora.hf.load until it is needed)."""
+    hf_config = json.loads((path / "config.json").read_text())
+    spec = arch_spec(hf_config["model_type"])
+    model = spec.build(hf_config, None)
+    tree: dict = {}
+    for name, array in load_file(path / "model.safetensors").items():
+        mapped = spec.hf_to_params(name, array)
+        if mapped is None:
+            continue
+        (*parents, leaf), value = mapped
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(value)
+    return model, {"params": tree}, hf_config
+
+
+def _paths(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(k.key for k in kp) for kp, _ in flat}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = transformers.BertModel(transformers.BertConfig(**TINY)).eval()
+    path = tmp_path_factory.mktemp("bert")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def test_outputs_match_transformers_with_padding_and_token_types(tiny):
+    hf, path = tiny
+    model, params, _ = _load(path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, TINY["vocab_size"], (3, 11))
+    mask = np.ones((3, 11), np.int64)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    types = np.zeros((3, 11), np.int64)
+    types[:, 5:] = 1
+    with torch.no_grad():
+        ref = hf(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            token_type_ids=torch.tensor(types),
+        )
+    out = model.apply(params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(types))
+    keep = mask.astype(bool)
+    hidden = np.asarray(out.last_hidden_state)
+    assert np.abs(hidden[keep] - ref.last_hidden_state.numpy()[keep]).max() <= 1e-4
+    assert np.abs(np.asarray(out.pooler_output) - ref.pooler_output.numpy()).max() <= 1e-4
+
+
+def test_param_paths_equal_transformers_module_names(tiny):
+    hf, path = tiny
+    model, params, hf_config = _load(path)
+    init = jax.eval_shape(model.init, jax.random.key(0), *SPEC.example_inputs(hf_config))
+    jl = {p.rsplit(".", 1)[0] for p in _paths(init["params"])}
+    assert jl <= {n for n, _ in hf.named_modules()}
+    assert jl == {n.rsplit(".", 1)[0] for n, _ in hf.named_parameters()}
+    assert "encoder.layer.1.attention.self.query" in jl
+    assert "embeddings.LayerNorm" in jl
+    shapes = lambda t: jax.tree.map(lambda x: x.shape, t)
+    assert shapes(params) == shapes(init)
+
+
+def test_name_map_round_trip(tiny):
+    _, path = tiny
+    hf_config = json.loads((path / "config.json").read_text())
+    saved = load_file(path / "model.safetensors")
+    assert set(saved) == SPEC.expected_hf_keys(hf_config)
+    back = {}
+    for name, array in saved.items():
+        p, a = SPEC.hf_to_params(name, array)
+        back.update(dict(SPEC.params_to_hf(p, a)))
+    assert set(back) == set(saved)
+    for k in saved:
+        np.testing.assert_array_equal(back[k], saved[k])
+
+
+def test_name_map_prefix_heads_and_buffers():
+    w = np.arange(6.0).reshape(2, 3)
+    path, a = SPEC.hf_to_params("bert.encoder.layer.0.attention.self.query.weight", w)
+    assert path == ("encoder", "layer", "0", "attention", "self", "query", "kernel")
+    np.testing.assert_array_equal(a, w.T)
+    path, _ = SPEC.hf_to_params("bert.embeddings.LayerNorm.gamma", np.ones(3))
+    assert path == ("embeddings", "LayerNorm", "scale")
+    for name in (
+        "embeddings.position_ids",
+        "bert.embeddings.token_type_ids",
+        "cls.predictions.bias",
+        "classifier.weight",
+    ):
+        assert SPEC.hf_to_params(name, np.zeros(2)) is None
+
+
+def test_saved_names_load_in_transformers(tiny, tmp_path):
+    """params_to_hf writes what AutoModel.from_pretrained reads, with the same outputs."""
+    from safetensors.numpy import save_file
+
+    hf, path = tiny
+    _, params, hf_config = _load(path)
+    flat = jax.tree_util.tree_flatten_with_path(params["params"])[0]
+    tensors = {}
+    for kp, leaf in flat:
+        tensors.update(SPEC.params_to_hf(tuple(k.key for k in kp), np.asarray(leaf)))
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    back = getattr(transformers, SPEC.auto_class).from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).last_hidden_state, hf(ids).last_hidden_state)
+
+
+def test_no_pooler_and_bf16():
+    cfg = BertConfig(
+        vocab_size=11,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=8,
+        add_pooling_layer=False,
+    )
+    model = BertModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ids = jnp.ones((1, 4), jnp.int32)
+    params = model.init(jax.random.key(0), ids)
+    assert "pooler" not in params["params"]
+    out = model.apply(params, ids)
+    assert out.pooler_output is None and out.last_hidden_state.dtype == jnp.bfloat16
