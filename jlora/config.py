@@ -112,6 +112,9 @@ class LoraConfig:
                 raise ConfigError("layers only applies to a list of targets (as in PEFT): "
                                   "put the layer index in the regex instead, e.g. "
                                   r"r'.*\.layers\.(0|1)\..*q_proj'.")
+        if self.layers_pattern and self.layers is None:
+            raise ConfigError("layers_pattern only narrows `layers` (as in PEFT): set "
+                              "layers=[...] too, or drop layers_pattern.")
         for name, cast in (("rank_pattern", int), ("alpha_pattern", float)):
             pat = getattr(self, name)
             if not isinstance(pat, Mapping):
@@ -213,6 +216,7 @@ class LoraConfig:
         """Builds a config from a PEFT ``adapter_config.json`` dict; rejects what jlora
         cannot reproduce exactly (other peft types, DoRA, biases, modules_to_save...)."""
         peft_type = d.get("peft_type", "LORA")
+        peft_type = getattr(peft_type, "value", peft_type)  # a PeftType enum
         if str(peft_type).upper() != "LORA":
             raise ConfigError(f"adapter_config has peft_type={peft_type!r}: jlora reads LoRA "
                               "adapters only (peft_type 'LORA').")

@@ -166,7 +166,8 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
         if on_unconsumed == "raise":
             raise UnconsumedAdapterError(
                 f"no supported layer (Dense, DenseGeneral, Einsum, Conv, Embed) read the "
-                f"adapters of {', '.join(missing)}; use lora(fn, on_unconsumed='merge') to merge "
+                f"adapters of {', '.join(m or '<root>' for m in missing)}; use "
+                f"lora(fn, on_unconsumed='merge') to merge "
                 "them on read, or target only supported layers.")
         partly = _merge_only(variables, set(missing))
         with nn.intercept_methods(_interceptor(dropout, set())):
