@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -77,14 +78,13 @@ def parse_size(size: int | str) -> int:
       >>> parse_size("5GB"), parse_size("1KiB"), parse_size(10)
       (5000000000, 1024, 10)
     """
-    if isinstance(size, int):
-        return size
-    text = str(size).strip().upper().replace(" ", "")
-    number = text.rstrip("KMGTIB")
-    unit = text[len(number) :]
-    if unit not in _UNITS or not number:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+    if isinstance(size, bool) or match is None:
         raise HFError(f"max_shard_size {size!r} is not a size: use an int or e.g. '5GB', '500MiB'")
-    return int(float(number) * _UNITS[unit])
+    number = float(match.group(1)) * _UNITS[match.group(2) or ""]
+    if number < 1:
+        raise HFError(f"max_shard_size {size!r} must be at least 1 byte")
+    return int(number)
 
 
 def read_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
