@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from jlora.models import arch_spec
+import jlora
+from jlora.hf.load import load
+from jlora.hf.merged import save_merged
 from jlora.models.bert import SPEC, BertConfig, BertModel
 
 TINY = dict(
@@ -25,24 +26,6 @@ TINY = dict(
     max_position_embeddings=32,
     type_vocab_size=2,
 )
-
-
-def _load(path: Path):
-    """Loads a checkpoint through SPEC (stands in for jlora.hf.load until it is needed)."""
-    hf_config = json.loads((path / "config.json").read_text())
-    spec = arch_spec(hf_config["model_type"])
-    model = spec.build(hf_config, None)
-    tree: dict = {}
-    for name, array in load_file(path / "model.safetensors").items():
-        mapped = spec.hf_to_params(name, array)
-        if mapped is None:
-            continue
-        (*parents, leaf), value = mapped
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
-    return model, {"params": tree}, hf_config
 
 
 def _paths(tree):
@@ -61,7 +44,7 @@ def tiny(tmp_path_factory):
 
 def test_outputs_match_transformers_with_padding_and_token_types(tiny):
     hf, path = tiny
-    model, params, _ = _load(path)
+    model, params, _ = load(path)
     rng = np.random.default_rng(0)
     ids = rng.integers(1, TINY["vocab_size"], (3, 11))
     mask = np.ones((3, 11), np.int64)
@@ -84,7 +67,7 @@ def test_outputs_match_transformers_with_padding_and_token_types(tiny):
 
 def test_param_paths_equal_transformers_module_names(tiny):
     hf, path = tiny
-    model, params, hf_config = _load(path)
+    model, params, hf_config = load(path)
     init = jax.eval_shape(model.init, jax.random.key(0), *SPEC.example_inputs(hf_config))
     jl = {p.rsplit(".", 1)[0] for p in _paths(init["params"])}
     assert jl <= {n for n, _ in hf.named_modules()}
@@ -125,22 +108,30 @@ def test_name_map_prefix_heads_and_buffers():
         assert SPEC.hf_to_params(name, np.zeros(2)) is None
 
 
-def test_saved_names_load_in_transformers(tiny, tmp_path):
-    """params_to_hf writes what AutoModel.from_pretrained reads, with the same outputs."""
-    from safetensors.numpy import save_file
-
-    hf, path = tiny
-    _, params, hf_config = _load(path)
-    flat = jax.tree_util.tree_flatten_with_path(params["params"])[0]
-    tensors = {}
-    for kp, leaf in flat:
-        tensors.update(SPEC.params_to_hf(tuple(k.key for k in kp), np.asarray(leaf)))
-    save_file(tensors, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(hf_config))
-    back = getattr(transformers, SPEC.auto_class).from_pretrained(tmp_path).eval()
-    ids = torch.tensor([[1, 2, 3, 4]])
+def test_lora_merge_and_save_merged_load_in_transformers(tiny, tmp_path):
+    """An adapted BERT exports (merged) to what AutoModel reads, with the same outputs."""
+    _, path = tiny
+    model, params, hf_config = load(path)
+    config = jlora.LoraConfig(rank=2, alpha=4, targets=["query", "value"], init="random")
+    adapted = jlora.inject(params, config, jax.random.key(0))
+    adapted = jax.tree_util.tree_map_with_path(  # non-zero B: the adapters change the output
+        lambda kp, x: x + 0.1 if kp[-1].key.endswith("_lora_b") else x, adapted
+    )
+    ids = jnp.asarray([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]])
+    mask = (ids > 0).astype(jnp.int32)
+    out = jlora.lora(model.apply)(adapted, ids, mask)
+    merged = jlora.merge(adapted, unload=True)
+    np.testing.assert_allclose(
+        out.pooler_output, model.apply(merged, ids, mask).pooler_output, atol=1e-5
+    )
+    save_merged(model, merged, hf_config, tmp_path / "merged")
+    back = getattr(transformers, SPEC.auto_class).from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
-        torch.testing.assert_close(back(ids).last_hidden_state, hf(ids).last_hidden_state)
+        ref = back(torch.tensor(np.asarray(ids)), attention_mask=torch.tensor(np.asarray(mask)))
+    keep = np.asarray(mask, bool)
+    hidden = np.asarray(out.last_hidden_state)[keep]
+    assert np.abs(hidden - ref.last_hidden_state.numpy()[keep]).max() <= 1e-4
+    assert np.abs(np.asarray(out.pooler_output) - ref.pooler_output.numpy()).max() <= 1e-4
 
 
 def test_no_pooler_and_bf16():

