@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 import jlora
 from jlora.hf.load import load
 from jlora.hf.merged import save_merged
+from jlora.hf.peft import save_peft
 from jlora.models.generate import generate
 from jlora.models.gpt2 import SPEC, GPT2Config, GPT2LMHeadModel
 
@@ -215,3 +216,25 @@ def test_lora_forward_merge_and_save_merged(tiny, tmp_path):
     with torch.no_grad():
         ref = back(torch.tensor(np.asarray(ids))).logits.numpy()
     assert np.abs(np.asarray(with_lora) - ref).max() <= 1e-4
+
+
+def test_peft_export_runs_in_peft(tiny, tmp_path):
+    """Conv1D targets export with fan_in_fan_out; PeftModel gives jlora's logits."""
+    import peft
+
+    hf, path = tiny
+    model, params, hf_config = load(path)
+    config = jlora.LoraConfig(rank=2, alpha=4, targets=["c_attn", "c_fc"], init="random")
+    adapted = jlora.inject(params, config, jax.random.key(0))
+    adapted = jax.tree_util.tree_map_with_path(
+        lambda kp, x: x + 0.1 if kp[-1].key.endswith("_lora_b") else x, adapted
+    )
+    ids = jnp.asarray(np.arange(14).reshape(2, 7) % TINY["vocab_size"])
+    out = jlora.lora(model.apply)(adapted, ids)
+    save_peft(adapted, config, tmp_path, hf_config=hf_config)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"]
+    base = getattr(transformers, SPEC.auto_class).from_pretrained(path).eval()
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    with torch.no_grad():
+        ref = peft_model(torch.tensor(np.asarray(ids))).logits.numpy()
+    assert np.abs(np.asarray(out) - ref).max() <= 1e-4
