@@ -63,11 +63,18 @@ class DecoderConfig:
         model_type = hf.get("model_type")
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        kv_heads = hf.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise HFError(
+                f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+            )
         act = hf.get("hidden_act", "silu")
         if act not in _ACTIVATIONS:
             raise HFError(f"hidden_act {act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
         n = hf["num_hidden_layers"]
         window, layer_types = hf.get("sliding_window"), hf.get("layer_types")
+        if hf.get("use_sliding_window") is False:  # qwen2 keeps a sliding_window it ignores
+            window = None
         windows = tuple(
             window if layer_types is None or layer_types[i] == "sliding_attention" else None
             for i in range(n)
@@ -82,7 +89,7 @@ class DecoderConfig:
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=n,
             num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            num_key_value_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_inv_freq=tuple(float(f) for f in rope_inv_freq(hf, head_dim)),

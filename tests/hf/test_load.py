@@ -212,3 +212,38 @@ def test_atomic_dir_interrupted_leaves_nothing(tmp_path):
         (tmp / "v3").write_text("3")
     assert [p.name for p in target.iterdir()] == ["v3"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_tied_head_stored_anyway_is_ignored(tmp_path):
+    torch.manual_seed(0)
+    cfg = tf.Qwen2Config(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        sliding_window=2,  # ignored: use_sliding_window is False
+    )
+    torch_model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    torch_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["sliding_window"] = 2  # as older Qwen2 configs store it, without layer_types
+    config.pop("layer_types", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _rewrite(tmp_path, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
+    model, params, _ = load(tmp_path)
+    assert "lm_head" not in params["params"] and model.config.sliding_windows is None
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(IDS)).logits.numpy()
+    np.testing.assert_allclose(model.apply(params, IDS), ref, atol=1e-4)
+
+
+def test_error_config_without_model_type(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 4}')
+    with pytest.raises(HFError, match="has no model_type"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(HFError, match="not valid JSON"):
+        load(tmp_path)
