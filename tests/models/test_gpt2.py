@@ -145,33 +145,27 @@ def test_kv_cache_left_padded_decode(tiny):
     mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
     pos = jnp.clip(jnp.cumsum(mask, -1) - 1, 0)
     full = model.apply(params, ids, mask, pos)
-    cache = model.init_cache(2, 8)
-    logits, cache = model.apply(params, ids[:, :4], mask[:, :4], pos[:, :4], cache)
+    step = jax.jit(model.apply)
+    logits, cache = step(params, ids[:, :4], mask[:, :4], pos[:, :4], model.init_cache(2, 8))
     outs = [logits]
     for i in range(4, 8):
-        logits, cache = model.apply(params, ids[:, i : i + 1], None, pos[:, i : i + 1], cache)
+        logits, cache = step(params, ids[:, i : i + 1], None, pos[:, i : i + 1], cache)
         outs.append(logits)
     np.testing.assert_array_equal(cache["mask"], mask > 0)
     keep = np.asarray(mask, bool)
     np.testing.assert_allclose(np.concatenate(outs, 1)[keep], np.asarray(full)[keep], atol=1e-5)
 
 
-def test_bf16_runs():
+def test_bf16_and_dropout():
     cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    ids = jnp.zeros((1, 4), jnp.int32)
     model = GPT2LMHeadModel(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    ids = jnp.zeros((1, 4), jnp.int32)
-    params = model.init(jax.random.key(0), ids)
-    assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
-    assert model.apply(params, ids).dtype == jnp.bfloat16
-
-
-def test_dropout_needs_rng_and_changes_output():
-    cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
-    model = GPT2LMHeadModel(cfg)
-    ids = jnp.zeros((1, 4), jnp.int32)
-    params = model.init(jax.random.key(0), ids)
-    a = model.apply(params, ids, deterministic=False, rngs={"dropout": jax.random.key(1)})
-    assert not np.allclose(a, model.apply(params, ids))
+    params = jax.jit(model.init)(jax.random.key(0), ids)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    apply = jax.jit(model.apply, static_argnames="deterministic")
+    assert apply(params, ids).dtype == jnp.bfloat16
+    dropped = apply(params, ids, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(dropped.astype(jnp.float32), apply(params, ids).astype(jnp.float32))
 
 
 def test_greedy_generate_equals_transformers(tmp_path):
