@@ -230,9 +230,8 @@ class MLP(nn.Module):
             name=name,
         )
         act = _ACTIVATIONS[c.hidden_act]
-        h = act(dense(c.intermediate_size, "gate_proj")(x)) * dense(c.intermediate_size, "up_proj")(
-            x
-        )
+        gate = dense(c.intermediate_size, "gate_proj")(x)
+        h = act(gate) * dense(c.intermediate_size, "up_proj")(x)
         return dense(c.hidden_size, "down_proj")(h)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers as tf
 
+import jlora
 from jlora.hf.load import load
 from jlora.models import arch_spec
 from jlora.models.llama import SPEC, LlamaForCausalLM, rope_inv_freq
@@ -146,10 +147,20 @@ def test_remat_and_bf16_run(tmp_path):
     ref = model.apply(params, ids, attention_mask=mask)
     remat = LlamaForCausalLM(model.config, remat=True)
     np.testing.assert_allclose(remat.apply(params, ids, attention_mask=mask), ref, atol=1e-6)
-    loss = lambda p, m: m.apply(p, ids, attention_mask=mask).mean()
-    g1 = jax.grad(loss)(params, model)
-    g2 = jax.grad(loss)(params, remat)
+    grad = lambda m: jax.jit(jax.grad(lambda p: m.apply(p, ids, attention_mask=mask).mean()))
+    g1, g2 = grad(model)(params), grad(remat)(params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+    # adapters reach the layers inside nn.remat too
+    adapted = jlora.inject(
+        params, jlora.LoraConfig(rank=2, targets="all-linear"), jax.random.key(1)
+    )
+    adapted = jax.tree_util.tree_map_with_path(
+        lambda kp, x: x + 0.2 if kp[-1].key.endswith("_lora_b") else x, adapted
+    )
+    want = jlora.lora(model.apply)(adapted, ids, attention_mask=mask)
+    assert not np.allclose(want, ref, atol=1e-3)
+    got = jlora.lora(remat.apply)(adapted, ids, attention_mask=mask)
+    np.testing.assert_allclose(got, want, atol=1e-5)
     bf_model, bf_params, _ = load(tmp_path, dtype=jnp.bfloat16)
     leaf = bf_params["params"]["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"]
     assert leaf.dtype == jnp.bfloat16
