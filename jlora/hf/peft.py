@@ -175,15 +175,16 @@ def save_peft(
         raise HFError("save_peft: this tree holds no LoRA adapters (a tree merged with "
                       "unload=True has none left); export the tree jlora.inject or "
                       "jlora.hf.load_peft returned.")
-    spec = _spec(model_type, hf_config)
-    _check_matches_config(tree, adapters, config)
-
-    tensors: dict[str, np.ndarray] = {}
     for ad in adapters:
         if np.ndim(ad.a) != 2 or np.ndim(ad.b) != 2:
             raise HFError(f"{ad.module}.{ad.param} has a {np.ndim(ad.a) + np.ndim(ad.b) - 2}-axis "
                           "kernel: PEFT's LoRA layers hold 2-D matrices only; export the "
                           "merged model with jlora.hf.save_merged instead.")
+    spec = _spec(model_type, hf_config)
+    _check_matches_config(tree, adapters, config)
+
+    tensors: dict[str, np.ndarray] = {}
+    for ad in adapters:
         ka, kb = _keys(ad.module, ad.param)
         tensors[ka] = np.ascontiguousarray(np.asarray(ad.a, np.float32).T)
         tensors[kb] = np.ascontiguousarray(np.asarray(ad.b, np.float32).T)
