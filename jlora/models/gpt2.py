@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.errors import HFError
+from jlora.errors import HFError, JloraError
 from jlora.models.base import ArchSpec, ParamPath
 
 __all__ = ["GPT2Config", "GPT2LMHeadModel", "SPEC"]
@@ -255,10 +255,13 @@ class GPT2LMHeadModel(nn.Module):
         Returns:
           ``{'index': int32[], 'mask': bool[batch, max_length], 'layers': {'0': {'key': k,
           'value': v}, ...}}`` as :mod:`jlora.models.generate` specifies.
+
+        Raises:
+          JloraError: ``max_length`` exceeds ``n_positions`` (GPT-2 has no positions past it).
         """
         cfg = self.config
         if max_length > cfg.n_positions:
-            raise HFError(
+            raise JloraError(
                 f"max_length={max_length} exceeds GPT-2's n_positions={cfg.n_positions}; "
                 "generate fewer tokens or use a shorter prompt."
             )

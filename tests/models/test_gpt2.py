@@ -13,6 +13,7 @@ import transformers
 from safetensors.numpy import load_file
 
 import jlora
+from jlora.errors import JloraError
 from jlora.hf.load import load
 from jlora.hf.merged import save_merged
 from jlora.hf.peft import save_peft
@@ -127,6 +128,8 @@ def test_kv_cache_decode_equals_full_forward(tiny):
     cache = model.init_cache(2, 12)
     assert set(cache) == {"index", "mask", "layers"}
     assert set(cache["layers"]) == {"0", "1"}
+    with pytest.raises(JloraError, match="n_positions"):
+        model.init_cache(1, TINY["n_positions"] + 1)
     step = jax.jit(lambda p, x, c: model.apply(p, x, cache=c))
     logits, cache = step(params, ids[:, :5], cache)  # prefill
     outs = [logits]
