@@ -23,9 +23,9 @@ def _learning_rate(opt_state: Any, schedule: Callable | None, count: jax.Array) 
     if schedule is not None:
         return jnp.asarray(schedule(count), jnp.float32) if callable(schedule) else \
             jnp.asarray(schedule, jnp.float32)
-    found = [s.hyperparams["learning_rate"] for s in jax.tree.leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, optax.InjectHyperparamsState))
-        if isinstance(s, optax.InjectHyperparamsState) and "learning_rate" in s.hyperparams]
+    is_hp = lambda x: isinstance(x, tuple) and hasattr(x, "hyperparams")  # noqa: E731
+    found = [s.hyperparams["learning_rate"] for s in jax.tree.leaves(opt_state, is_leaf=is_hp)
+             if is_hp(s) and "learning_rate" in s.hyperparams]
     return jnp.asarray(found[0], jnp.float32) if found else jnp.asarray(jnp.nan, jnp.float32)
 
 
@@ -197,7 +197,7 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        lr = _learning_rate(state.opt_state, schedule, state.step)
+        lr = _learning_rate(opt_state, schedule, state.step)  # the lr this update used
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             rng=jax.random.key_data(new_key))
         keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
