@@ -152,6 +152,18 @@ class RMSNorm(nn.Module):
         return scale.astype(dtype) * h.astype(dtype)
 
 
+def _dense(module: nn.Module, features: int, bias: bool, name: str) -> nn.Dense:
+    """An ``nn.Dense`` (kernel (in, out)) with the module's dtypes and HF's normal init."""
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        kernel_init=nn.initializers.normal(module.config.initializer_range),
+        name=name,
+    )
+
+
 def _rotate_half(x):
     x1, x2 = jnp.split(x, 2, axis=-1)
     return jnp.concatenate([-x2, x1], axis=-1)
@@ -165,37 +177,23 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    def _dense(self, features, bias, name):
-        init = nn.initializers.normal(self.config.initializer_range)
-        return nn.Dense(
-            features,
-            use_bias=bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=init,
-            name=name,
-        )
-
     @nn.compact
     def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, layer_cache, cache_index):
         c = self.config
         b, t, _ = x.shape
         heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = self._dense(heads * d, c.qkv_bias, "q_proj")(x).reshape(b, t, heads, d)
-        k = self._dense(kv_heads * d, c.qkv_bias, "k_proj")(x).reshape(b, t, kv_heads, d)
-        v = self._dense(kv_heads * d, c.qkv_bias, "v_proj")(x).reshape(b, t, kv_heads, d)
+        q = _dense(self, heads * d, c.qkv_bias, "q_proj")(x).reshape(b, t, heads, d)
+        k = _dense(self, kv_heads * d, c.qkv_bias, "k_proj")(x).reshape(b, t, kv_heads, d)
+        v = _dense(self, kv_heads * d, c.qkv_bias, "v_proj")(x).reshape(b, t, kv_heads, d)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         new_cache = None
         if layer_cache is not None:
-            start = (0, cache_index, 0, 0)
-            keys = jax.lax.dynamic_update_slice(
-                layer_cache["key"], k.astype(layer_cache["key"].dtype), start
+            update = lambda buf, new: jax.lax.dynamic_update_slice(
+                buf, new.astype(buf.dtype), (0, cache_index, 0, 0)
             )
-            values = jax.lax.dynamic_update_slice(
-                layer_cache["value"], v.astype(layer_cache["value"].dtype), start
-            )
+            keys, values = update(layer_cache["key"], k), update(layer_cache["value"], v)
             new_cache = {"key": keys, "value": values}
             k, v = keys.astype(self.dtype), values.astype(self.dtype)
         # allowed[b, q, s]: a real key at or before the query (and inside the window)
@@ -208,7 +206,7 @@ class Attention(nn.Module):
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads * d)
-        return self._dense(c.hidden_size, c.o_bias, "o_proj")(out), new_cache
+        return _dense(self, c.hidden_size, c.o_bias, "o_proj")(out), new_cache
 
 
 class MLP(nn.Module):
@@ -221,14 +219,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        dense = lambda f, name: nn.Dense(
-            f,
-            use_bias=c.mlp_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.initializers.normal(c.initializer_range),
-            name=name,
-        )
+        dense = lambda f, name: _dense(self, f, c.mlp_bias, name)
         act = _ACTIVATIONS[c.hidden_act]
         gate = dense(c.intermediate_size, "gate_proj")(x)
         h = act(gate) * dense(c.intermediate_size, "up_proj")(x)
@@ -353,14 +344,7 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             logits = base.attend(h)
         else:
-            logits = nn.Dense(
-                self.config.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=nn.initializers.normal(self.config.initializer_range),
-                name="lm_head",
-            )(h)
+            logits = _dense(self, self.config.vocab_size, False, "lm_head")(h)
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> dict:
