@@ -16,6 +16,7 @@ class Block(nn.Module):
     """A pre-norm decoder block with Llama's layer names."""
 
     dtype: jnp.dtype = jnp.float32
+    ff: int = FF
 
     @nn.compact
     def __call__(self, x, mask):
@@ -31,7 +32,7 @@ class Block(nn.Module):
         p = jax.nn.softmax(s.astype(jnp.float32), -1).astype(self.dtype)
         x = x + dense(d, "o_proj")(jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, t, d))
         h = nn.RMSNorm(dtype=self.dtype, name="post_attention_layernorm")(x)
-        return x + dense(d, "down_proj")(nn.silu(dense(FF, "gate_proj")(h)) * dense(FF, "up_proj")(h))
+        return x + dense(d, "down_proj")(nn.silu(dense(self.ff, "gate_proj")(h)) * dense(self.ff, "up_proj")(h))
 
 
 class TinyLM(nn.Module):
@@ -41,15 +42,17 @@ class TinyLM(nn.Module):
     remat: bool = False
     layers: int = LAYERS
     vocab: int = VOCAB
+    hidden: int = HIDDEN
+    ff: int = FF
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         block = nn.remat(Block) if self.remat else Block
-        x = nn.Embed(self.vocab, HIDDEN, dtype=self.dtype, name="embed_tokens")(input_ids)
+        x = nn.Embed(self.vocab, self.hidden, dtype=self.dtype, name="embed_tokens")(input_ids)
         for i in range(self.layers):
-            x = block(self.dtype, name=f"layer_{i}")(x, attention_mask > 0)
+            x = block(self.dtype, self.ff, name=f"layer_{i}")(x, attention_mask > 0)
         x = nn.RMSNorm(dtype=self.dtype, name="norm")(x)
         return nn.Dense(self.vocab, use_bias=False, dtype=self.dtype, name="lm_head")(x)
 
