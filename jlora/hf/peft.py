@@ -46,8 +46,11 @@ _EMBED_KEYS = (".lora_embedding_A", ".lora_embedding_B")
 _BASE_LAYER_KEY = ".base_layer.weight"
 # task_type per transformers Auto class of jlora's models.
 _TASK_TYPES = {"AutoModelForCausalLM": "CAUSAL_LM", "AutoModel": "FEATURE_EXTRACTION"}
-# Input embeddings that a causal LM ties to its output head when it has no ``lm_head``.
+# Input embeddings that a causal LM ties to its output head when it has no ``lm_head``, and
+# the ones PEFT can tie an adapter for (``ensure_weight_tying``; its EMBEDDING_LAYER_NAMES).
 _TIED_EMBEDDINGS = ("embed_tokens", "wte")
+_PEFT_TIEABLE = ("embed_tokens",)
+TIED_HEAD = "lm_head"
 _MAX_LISTED = 8
 
 
@@ -191,15 +194,31 @@ def save_peft(
 
     modules = [ad.module for ad in adapters]
     tied = _tied_head(tree, spec, hf_config)
-    if tied:
-        bad = [ad.module for ad in adapters
-               if ad.param == "embedding" and _suffix_in(ad.module, _TIED_EMBEDDINGS)]
-        if bad:
+    extra: dict[str, Any] = {}
+    tied_emb = [ad for ad in adapters if tied and ad.param == "embedding"
+                and _suffix_in(ad.module, _TIED_EMBEDDINGS)]
+    if tied_emb:
+        # jlora's tied head reads the embedding's adapter too (x @ B.T @ A.T * scale); PEFT
+        # reproduces it with ensure_weight_tying: lm_head gets lora_A = B, lora_B = A.
+        ad = tied_emb[0]
+        if not _suffix_in(ad.module, _PEFT_TIEABLE):
             raise HFError(
-                f"{bad[0]!r} is the input embedding this model ties to its output head: "
-                "jlora adapts the tied head with it, which a PEFT LoRA adapter does not "
-                "reproduce. Exclude it from the targets (exclude=[...]), or use a model with "
-                "tie_word_embeddings=false.")
+                f"{ad.module!r} is the input embedding this model ties to its output head: "
+                "jlora adapts the tied head with it, and PEFT can tie an adapter only for "
+                f"{', '.join(_PEFT_TIEABLE)}. Exclude it from the targets (exclude=[...]), or "
+                "export the merged model with jlora.hf.save_merged.")
+        emb_a, emb_b = (tensors[k] for k in _keys(ad.module, ad.param))
+        tensors[f"{PREFIX}{TIED_HEAD}{_KERNEL_KEYS[0]}"] = np.ascontiguousarray(emb_b.T)
+        tensors[f"{PREFIX}{TIED_HEAD}{_KERNEL_KEYS[1]}"] = np.ascontiguousarray(emb_a.T)
+        extra["ensure_weight_tying"] = True
+        rank, alpha = int(np.shape(ad.a)[-1]), config.alpha_for(ad.module)
+        rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+        if config.rank_for(TIED_HEAD) != rank:
+            rank_pattern[TIED_HEAD] = rank
+        if config.alpha_for(TIED_HEAD) != alpha:
+            alpha_pattern[TIED_HEAD] = alpha
+        extra["rank_pattern"] = rank_pattern
+        extra["alpha_pattern"] = {k: _num(v) for k, v in alpha_pattern.items()}
     targets: Any = config.targets
     if targets == P.ALL_LINEAR or (tied and config.matches("lm_head")):
         # PEFT resolves "all-linear" to module paths itself; and on a tied model PEFT would
@@ -214,12 +233,17 @@ def save_peft(
         base_model_name_or_path=base_model_name_or_path,
         target_modules=list(targets) if isinstance(targets, tuple) else targets,
         fan_in_fan_out=fan,
+        **extra,
     )
 
     with atomic_dir(path) as tmp:
         write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return Path(path)
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
 
 
 def _tied_head(tree: Any, spec: Any, hf_config: Mapping[str, Any] | None) -> bool:
@@ -337,72 +361,79 @@ def load_peft(
     """
     path = Path(path)
     d = _read_config(path)
+    tree = P.params_of(params)
+    leaves = _module_leaves(tree)
+    # PEFT ties an adapter on lm_head to the input embedding's (ensure_weight_tying); jlora's
+    # tied head (no lm_head param) reads the embedding's adapter by itself.
+    tie = bool(d.get("ensure_weight_tying")) and TIED_HEAD not in leaves
+    head_patterns = {}
+    if tie:
+        d = dict(d)
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = dict(d.get(name) or {})
+            head_patterns[name] = pattern.pop(TIED_HEAD, None)
+            d[name] = pattern
     config = LoraConfig.from_peft(d)
     index = read_header(path / WEIGHTS_FILE)
-    tree = P.params_of(params)
     adapted = sorted(p for p, _ in P.leaves_with_paths(tree) if P.is_adapter_name(p))
     if adapted:
         raise HFError(f"load_peft needs base params, but this tree holds adapters already "
                       f"({adapted[0]}, ...); pass the base tree, or jlora.merge(params, "
                       "unload=True) first.")
 
-    # What the file holds, per module: {module: {"a"/"b"/"base": TensorInfo}} + stray keys.
+    # What the file holds, per module: {module: {suffix: TensorInfo}}, and stray keys.
     by_module: dict[str, dict[str, TensorInfo]] = {}
     stray: list[str] = []
-    suffixes = (("a", _KERNEL_KEYS[0]), ("b", _KERNEL_KEYS[1]), ("a", _EMBED_KEYS[0]),
-                ("b", _EMBED_KEYS[1]), ("base", _BASE_LAYER_KEY))
     for name, info in index.items():
-        for role, suffix in suffixes:
-            if name.startswith(PREFIX) and name.endswith(suffix):
-                module = name[len(PREFIX): -len(suffix)]
-                by_module.setdefault(module, {})[role] = info
-                break
-        else:
+        suffix = next((x for x in (*_KERNEL_KEYS, *_EMBED_KEYS, _BASE_LAYER_KEY)
+                       if name.startswith(PREFIX) and name.endswith(x)), None)
+        if suffix is None:
             stray.append(name)
+        else:
+            by_module.setdefault(name[len(PREFIX): -len(suffix)], {})[suffix] = info
+    head = by_module.pop(TIED_HEAD, {}) if tie else {}
 
-    leaves = _module_leaves(tree)
     absent = sorted(m for m in by_module if m not in leaves)
     if absent:
+        name = d.get("base_model_name_or_path")
+        trained_on = f" ({name!r})" if name else ""
         near = P.nearest(absent[0], [m for m in leaves if m])
         raise TargetError(
             f"the adapter in {str(path)!r} has tensors for modules this model does not have: "
             f"{_listed(absent)} (nearest module paths: {', '.join(near)}). Load it onto the "
-            f"base model it was trained on ({d.get('base_model_name_or_path')!r}).")
+            f"base model it was trained on{trained_on}.")
 
     try:
         entries = {e.module: e for e in plan(params, dataclasses.replace(config, init="default"))}
     except TargetError as e:
         raise TargetError(f"the adapter in {str(path)!r} does not fit this model: {e}") from None
 
-    problems = []
-    unexpected = list(stray)
-    missing = []
-    shape_errors = []
-    for module, roles in by_module.items():
+    problems: list[str] = []
+    unexpected: list[str] = list(stray)
+    tied_with = _check_tied_head(path, head, head_patterns, entries, config) if tie else None
+    missing: list[str] = []
+    shape_errors: list[str] = []
+    for module, found in by_module.items():
         e = entries.get(module)
         if e is None:
-            unexpected += [i.name for i in roles.values()]
+            unexpected += [i.name for i in found.values()]
             continue
-        ka, kb = _keys(module, e.param)
-        for role, key in (("a", ka), ("b", kb)):
-            info = roles.get(role)
-            if info is None or info.name != key:
+        found = dict(found)
+        for i, key in enumerate(_keys(module, e.param)):
+            info = found.pop(key[len(PREFIX) + len(module):], None)
+            if info is None:
                 missing.append(key)
-                if info is not None:
-                    unexpected.append(info.name)
                 continue
-            want = (e.rank, e.shape[0]) if role == "a" else (e.shape[1], e.rank)
+            want = ((e.rank, e.shape[0]), (e.shape[1], e.rank))[i]
             if info.shape != want:
                 shape_errors.append(
                     f"{info.name!r} has shape {info.shape}, but {module}.{e.param} {e.shape} "
                     f"with rank {e.rank} needs {want}")
-        base = roles.get("base")
-        if base is not None and (e.param != "embedding" or base.shape != e.shape):
-            if e.param != "embedding":
-                unexpected.append(base.name)
-            else:
-                shape_errors.append(f"{base.name!r} has shape {base.shape}, but "
-                                    f"{module}.embedding is {e.shape}")
+        base = found.pop(_BASE_LAYER_KEY, None) if e.param == "embedding" else None
+        if base is not None and base.shape != e.shape:
+            shape_errors.append(f"{base.name!r} has shape {base.shape}, but "
+                                f"{module}.embedding is {e.shape}")
+        unexpected += [i.name for i in found.values()]
     for module, e in entries.items():
         if module not in by_module:
             missing += list(_keys(module, e.param))
@@ -420,7 +451,8 @@ def load_peft(
                       ". Re-export it with PeftModel.save_pretrained or jlora.hf.save_peft.")
 
     # Base embeddings PEFT saved beside their adapter replace the base (as PEFT loads them).
-    bases = {m: r["base"] for m, r in by_module.items() if "base" in r}
+    bases = {m: found[_BASE_LAYER_KEY] for m, found in by_module.items()
+             if _BASE_LAYER_KEY in found}
     if bases:
         def put_base(module, ls):
             if module not in bases:
@@ -447,7 +479,46 @@ def load_peft(
         return out
 
     new_tree = P.map_modules(P.params_of(injected), fill)
+    if tied_with is not None:  # the head's tensors must be the embedding's, transposed
+        e = entries[tied_with]
+        emb = _module_leaves(new_tree)[tied_with]
+        for key, mine in ((_KERNEL_KEYS[0], e.param + P.B_SUFFIX),
+                          (_KERNEL_KEYS[1], e.param + P.A_SUFFIX)):
+            theirs = read_tensor(head[key])  # lora_A = B (r, features), lora_B = A
+            if not np.allclose(theirs, np.asarray(P.unbox(emb[mine]), np.float32),
+                               rtol=1e-3, atol=1e-6):
+                raise HFError(f"{head[key].name!r} is not the tied transpose of "
+                              f"{tied_with}'s adapter, though ensure_weight_tying is set; jlora "
+                              "adapts a tied head with the embedding's own adapter.")
     return P.with_params(injected, new_tree), config
+
+
+def _check_tied_head(path, head, head_patterns, entries, config) -> str | None:
+    """Checks PEFT's tied lm_head adapter against the embedding's; returns that module."""
+    emb = [e for e in entries.values() if e.param == "embedding"
+           and _suffix_in(e.module, _PEFT_TIEABLE)]
+    if not emb:
+        if head:
+            raise HFError(f"the adapter in {str(path)!r} holds {TIED_HEAD} tensors tied to an "
+                          "input embedding it does not adapt.")
+        return None
+    e = emb[0]
+    rank = head_patterns.get("rank_pattern") or config.rank
+    alpha = head_patterns.get("alpha_pattern") or config.alpha
+    if (rank, float(alpha)) != (e.rank, e.alpha):
+        raise ConfigError(f"the adapter ties {TIED_HEAD} to {e.module} with rank/alpha "
+                          f"{rank}/{alpha} against {e.rank}/{e.alpha:g}: jlora's tied head "
+                          "uses the embedding's adapter and scale; re-export with equal ones.")
+    want = {_KERNEL_KEYS[0]: (e.rank, e.shape[1]), _KERNEL_KEYS[1]: (e.shape[0], e.rank)}
+    base = head.get(_BASE_LAYER_KEY)
+    if set(head) - {_BASE_LAYER_KEY} != set(want) or any(
+            head[k].shape != v for k, v in want.items()) or (
+            base is not None and base.shape != (e.shape[0], e.shape[1])):
+        got = {i.name: i.shape for i in head.values()}
+        raise ShapeError(f"the adapter in {str(path)!r} ties {TIED_HEAD} to {e.module} but "
+                         f"holds {got}; expected lora_A {want[_KERNEL_KEYS[0]]} and lora_B "
+                         f"{want[_KERNEL_KEYS[1]]}.")
+    return e.module
 
 
 def _module_leaves(tree: Any) -> dict[str, dict[str, Any]]:

@@ -35,6 +35,10 @@ def _llama():
     return tf.LlamaConfig(**LLAMA, tie_word_embeddings=False)
 
 
+def _llama_tied():
+    return tf.LlamaConfig(**{**LLAMA, "num_hidden_layers": 1}, tie_word_embeddings=True)
+
+
 def _qwen2():
     return tf.Qwen2Config(**{**LLAMA, "num_key_value_heads": 1}, tie_word_embeddings=False)
 
@@ -56,6 +60,9 @@ CASES = {
         rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj", "embed_tokens"],
         rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 24, r"layers\.1\.self_attn\.q_proj": 3},
         dropout=0.05)),
+    # a tied head: PEFT's ensure_weight_tying gives lm_head the embedding's adapter, as jlora
+    "llama-tied-embed": (_llama_tied, tf.AutoModelForCausalLM, jlora.LoraConfig(
+        rank=4, alpha=8, targets=["k_proj", "embed_tokens"], alpha_pattern={"embed_tokens": 12})),
     "qwen2-all-linear-rslora": (_qwen2, tf.AutoModelForCausalLM, jlora.LoraConfig(
         rank=4, alpha=6, targets="all-linear", use_rslora=True, exclude=["o_proj"])),
     "gpt2-conv1d": (_gpt2, tf.AutoModelForCausalLM, jlora.LoraConfig(
@@ -189,7 +196,9 @@ def test_adapter_config_keeps_every_field(exported):
     assert d["r"] == config.rank and d["lora_alpha"] == config.alpha
     assert d["lora_dropout"] == config.dropout
     assert d["rank_pattern"] == dict(config.rank_pattern)
-    assert d["alpha_pattern"] == dict(config.alpha_pattern)
+    tied = {"lm_head": 12} if name.endswith("tied-embed") else {}
+    assert d["alpha_pattern"] == {**config.alpha_pattern, **tied}
+    assert d.get("ensure_weight_tying", False) is bool(tied)
     assert d["use_rslora"] is config.use_rslora and d["use_dora"] is False
     assert d["base_model_name_or_path"] == str(base_dir)
     assert d["fan_in_fan_out"] is name.startswith("gpt2")

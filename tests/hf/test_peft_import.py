@@ -31,10 +31,10 @@ CASES = {
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "embed_tokens"],
              rank_pattern={"up_proj": 2}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 5},
              lora_dropout=0.1)),
-    "qwen2-rslora-layers": (
+    "qwen2-tied-embed-rslora-layers": (
         lambda: tf.Qwen2Config(**LLAMA, tie_word_embeddings=True), tf.AutoModelForCausalLM,
-        dict(r=4, lora_alpha=3, target_modules=["k_proj", "o_proj", "gate_proj"],
-             layers_to_transform=[1], use_rslora=True)),
+        dict(r=4, lora_alpha=3, target_modules=["k_proj", "o_proj", "gate_proj", "embed_tokens"],
+             layers_to_transform=[1], use_rslora=True, ensure_weight_tying=True)),
     "gpt2-conv1d": (
         lambda: tf.GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                               bos_token_id=0, eos_token_id=0),
