@@ -63,7 +63,7 @@ def test_keep_last_n_async(tmp_path):
     state, _ = _state()
     with Checkpointer(tmp_path, CONFIG, keep=2, async_save=True) as ckpt:
         for step in range(1, 5):
-            ckpt.save(step, jax.tree.map(lambda x: x + step if x.dtype != np.uint32 else x,
+            ckpt.save(step, jax.tree.map(lambda x, k=step: x + k if x.dtype != np.uint32 else x,
                                          state))
         ckpt.wait()
         assert ckpt.all_steps() == [3, 4]
