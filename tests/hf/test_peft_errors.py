@@ -220,6 +220,31 @@ def test_save_a_tied_input_embedding(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["fan_in_fan_out"] is True
 
 
+def test_tied_head_adapter(tmp_path):
+    base = _base()
+    del base["params"]["lm_head"]  # a tied model: the head reads embed_tokens
+    config = jlora.LoraConfig(rank=2, alpha=4, targets=["q_proj", "embed_tokens"],
+                              alpha_pattern={"embed_tokens": 6}, init="random")
+    params = jlora.inject(base, config, jax.random.key(0))
+    path = save_peft(params, config, tmp_path / "a", model_type="llama")
+    d = json.loads((path / "adapter_config.json").read_text())
+    assert d["ensure_weight_tying"] is True and d["alpha_pattern"] == {"embed_tokens": 6,
+                                                                       "lm_head": 6}
+    back, config2 = load_peft(base, path)
+    assert config2 == config
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+    key = "base_model.model.lm_head.lora_A.weight"
+    _edit_tensors(path, lambda t: t.update({key: t[key] + 1}))
+    with pytest.raises(HFError, match="not the tied transpose"):
+        load_peft(base, path)
+    _edit_tensors(path, lambda t: t.update({key: t[key][:, :4]}))
+    with pytest.raises(ShapeError, match="ties lm_head to model.embed_tokens"):
+        load_peft(base, path)
+    _edit_config(path, alpha_pattern={"embed_tokens": 6, "lm_head": 7})
+    with pytest.raises(ConfigError, match="rank/alpha"):
+        load_peft(base, path)
+
+
 def test_save_on_a_tied_model_lists_targets_when_lm_head_would_match(tmp_path):
     base = {"model": {"layers": {"0": {"mlp": {"down_proj": {"kernel": jnp.ones((8, 4))}}}}}}
     config = jlora.LoraConfig(rank=2, targets=r".*(down_proj|lm_head)")

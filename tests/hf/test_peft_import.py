@@ -70,6 +70,10 @@ def from_torch(request, tmp_path_factory):
     base_dir = tmp_path_factory.mktemp(f"{name}-base")
     hf.save_pretrained(base_dir)
     pm = peft.get_peft_model(hf, peft.LoraConfig(init_lora_weights=False, **kwargs)).eval()
+    with torch.no_grad():  # N(0, 1) embedding adapters make logits ~100: keep them moderate
+        for n, p in pm.named_parameters():
+            if "lora_embedding_B" in n:
+                p.mul_(0.05)
     adapter_dir = tmp_path_factory.mktemp(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True"...
@@ -90,7 +94,7 @@ def test_jlora_runs_a_peft_adapter_with_peft_outputs(from_torch):
     out = np.asarray(out.last_hidden_state if name.startswith("bert") else out)
     keep = mask.astype(bool)
     diff = np.abs(out[keep] - ref[keep]).max()
-    print(f"{name}: max |jlora - peft| = {diff:.2e}")
+    print(f"{name}: max |jlora - peft| = {diff:.2e} (max |out| {np.abs(ref).max():.3g})")
     assert diff <= ATOL
     # same structure as inject builds, and the scales follow rank/alpha patterns and rsLoRA
     injected = jlora.inject(base, config, jax.random.key(0))
