@@ -135,6 +135,12 @@ def save_peft(
     exports the same adapter as its unmerged form: ``merge`` keeps A, B and the scale, and
     only those are written (never the merged kernels).
 
+    An adapted input embedding that the model ties to its output head (a Llama-family model
+    without ``lm_head``) also adapts the head in jlora; the export sets PEFT's
+    ``ensure_weight_tying`` and writes the head's tied ``lora_A``/``lora_B`` so that PEFT does
+    the same. Base weights are never written (PEFT's ``save_embedding_layers`` would copy the
+    unchanged base embedding; the math is the same without it).
+
     Args:
       params: an adapted tree (``{'params': ...}`` or bare), from ``jlora.inject`` or
         :func:`load_peft`.
@@ -152,8 +158,8 @@ def save_peft(
       The directory written.
 
     Raises:
-      HFError: no adapters, an adapter PEFT cannot represent (more than two axes, an input
-        embedding tied to the output head), or the directory cannot be written.
+      HFError: no adapters, an adapter PEFT cannot represent (more than two axes, GPT-2's
+        ``wte`` tied to the head), or the directory cannot be written.
       ConfigError: ``config`` does not give the tree's adapters (other targets, ranks or
         scales).
 
@@ -332,6 +338,9 @@ def load_peft(
     read. As PEFT does, ``init_lora_weights='pissa'``/``'olora'`` rewrites the adapted base
     kernels to their residual before the trained A and B are loaded, and a base embedding
     weight saved beside an adapted embedding (PEFT's ``save_embedding_layers``) replaces it.
+    With ``ensure_weight_tying`` on a tied model (no ``lm_head`` param), the file's ``lm_head``
+    adapter must be the embedding's (transposed, same rank and alpha): jlora's tied head reads
+    the embedding's adapter itself.
 
     Args:
       params: base params (``{'params': ...}`` or bare) without adapters, e.g. from
