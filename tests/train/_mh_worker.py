@@ -1,7 +1,8 @@
 """One process of the multi-host test (run by test_multihost.py, not collected by pytest).
 
 Usage: python _mh_worker.py PROCESS_ID NUM_PROCESSES PORT CKPT_DIR OUT_JSON
-Each process has 2 CPU devices (XLA_FLAGS set by the parent); the processes train 5 steps
+Process 0 starts jax.distributed from arguments, the others from the environment variables
+the parent sets. Each process has 2 CPU devices (XLA_FLAGS set by the parent); the processes train 5 steps
 on a (data=1, fsdp=2, tensor=2) mesh, save one orbax checkpoint from every process, restore
 it, and write their losses and checks to OUT_JSON.
 """
@@ -17,7 +18,10 @@ def main(pid: int, n: int, port: int, ckpt_dir: str, out: str) -> None:
 
     import jlora.train as T
 
-    T.initialize(f"127.0.0.1:{port}", n, pid, timeout_s=120)
+    if pid == 0:  # from arguments
+        T.initialize(f"127.0.0.1:{port}", n, pid, timeout_s=120)
+    else:  # from the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)
+        T.initialize(timeout_s=120)
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
     import optax

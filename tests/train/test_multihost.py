@@ -18,6 +18,7 @@ from _jtrain_util import CONFIG, data, make_params, rel
 
 import jlora.train as T
 from jlora.checkpoint import Checkpointer
+from jlora.errors import MeshError
 
 HERE = Path(__file__).parent
 
@@ -36,9 +37,11 @@ def test_two_processes_match_one_process(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent.parent), str(HERE)])
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
+    envs = [env, {**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                  "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}]
     procs = [subprocess.Popen([sys.executable, str(HERE / "_mh_worker.py"), str(i), "2",
                                str(port), str(ckpt), str(tmp_path / f"out{i}.json")],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              env=envs[i], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]
     logs = []
     try:
@@ -79,3 +82,17 @@ def test_two_processes_match_one_process(tmp_path):
     print(f"restored adapters vs single-process run: max rel diff {err:.2e}")
     assert err <= 1e-5
     assert np.isfinite(err)
+
+
+def test_initialize_rejects_incomplete_configs(monkeypatch):
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(MeshError, match="needs coordinator_address, num_processes and "
+                                        "process_id"):
+        T.initialize("127.0.0.1:1")
+    with pytest.raises(MeshError, match=r"process_id=2 must be in \[0, num_processes=2\)"):
+        T.initialize("127.0.0.1:1", 2, 2)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(MeshError, match="JAX_NUM_PROCESSES='two' must be an integer"):
+        T.initialize("127.0.0.1:1", process_id=0)
+    assert T.initialize(num_processes=1) is False  # one process: nothing to start
