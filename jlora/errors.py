@@ -25,7 +25,16 @@ __all__ = [
 
 
 class JloraError(Exception):
-    """Base class of every error jlora raises on bad input."""
+    """Base class of every error jlora raises on bad input.
+
+    Example:
+      >>> import jlora
+      >>> try:
+      ...     jlora.LoraConfig(rank=0, targets=["q"])
+      ... except jlora.JloraError as e:
+      ...     print(type(e).__name__)
+      ConfigError
+    """
 
 
 class ConfigError(JloraError, ValueError):

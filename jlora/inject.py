@@ -37,6 +37,11 @@ class PlanEntry:
       n_in: number of leading input axes.
       rank, alpha, scaling: the adapter's rank, alpha and scale.
       dtype: the adapters' dtype (fp32 for a half-precision base, as PEFT autocasts).
+
+    Example:
+      >>> e = PlanEntry("q", "kernel", (16, 3, 4), 1, 2, 4.0, 2.0, "float32")
+      >>> e.a_shape, e.b_shape, e.n_params
+      ((16, 2), (2, 3, 4), 56)
     """
 
     module: str
@@ -63,7 +68,18 @@ class PlanEntry:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The dry run of :func:`inject`; ``str(plan)`` is a table."""
+    """The dry run of :func:`inject`; ``str(plan)`` is a table.
+
+    Example:
+      >>> import numpy as np
+      >>> from jlora import LoraConfig, plan
+      >>> p = plan({"q": {"kernel": np.zeros((8, 8))}}, LoraConfig(rank=2, targets=["q"]))
+      >>> print(p)  # doctest: +NORMALIZE_WHITESPACE
+      path      shape  rank  alpha  scaling  params
+      --------  -----  ----  -----  -------  ------
+      q.kernel  8x8       2      8        4      32
+      1 adapted kernels, 32 adapter params (33.3333% of 96)
+    """
 
     entries: tuple[PlanEntry, ...]
     base_params: int

@@ -26,6 +26,10 @@ class LayerInfo:
       kind: ``'dense'``, ``'dense_general'``, ``'einsum'``, ``'conv'`` or ``'embed'``.
       n_in: how many leading kernel axes are input axes (A takes them, B the rest).
       unsupported: why LoRA cannot adapt this layer, or ``None``.
+
+    Example:
+      >>> LayerInfo("conv", 2).n_in
+      2
     """
 
     kind: str
@@ -34,7 +38,13 @@ class LayerInfo:
 
 
 class Layout(Mapping[str, LayerInfo]):
-    """Module path -> :class:`LayerInfo`, as returned by :func:`layout`."""
+    """Module path -> :class:`LayerInfo`, as returned by :func:`layout`.
+
+    Example:
+      >>> lay = Layout({"conv": LayerInfo("conv", 2)})
+      >>> lay["conv"].kind, len(lay)
+      ('conv', 1)
+    """
 
     def __init__(self, infos: Mapping[str, LayerInfo]):
         self._infos = dict(infos)

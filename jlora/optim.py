@@ -75,7 +75,13 @@ def split(params: Any) -> tuple[Any, Any]:
 
 
 def combine(trainable: Any, frozen: Any) -> Any:
-    """The inverse of :func:`split`: takes each leaf from whichever tree holds it."""
+    """The inverse of :func:`split`: takes each leaf from whichever tree holds it.
+
+    Example:
+      >>> t, f = {"a": 1.0, "b": None}, {"a": None, "b": 2.0}
+      >>> combine(t, f)
+      {'a': 1.0, 'b': 2.0}
+    """
     return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
                         is_leaf=lambda x: x is None or P.is_box(x))
 
@@ -129,7 +135,13 @@ def optimizer(tx: optax.GradientTransformation, params: Any, *,
 
 @dataclasses.dataclass(frozen=True)
 class Summary:
-    """Trainable and total parameter counts; ``str()`` is PEFT's print_trainable_parameters."""
+    """Trainable and total parameter counts; ``str()`` is PEFT's print_trainable_parameters.
+
+    Example:
+      >>> s = Summary(trainable=10, total=1000)
+      >>> s.percent
+      1.0
+    """
 
     trainable: int
     total: int
