@@ -229,20 +229,23 @@ def batch_sharding(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> NamedShardin
     return NamedSharding(mesh, PS(batch_axes(mesh, axes) or None))
 
 
-def check_batch(batch: Any, sharding: NamedSharding, multiple: int = 1) -> None:
-    """Raises :class:`MeshError` unless every array's leading dim divides across the data
-    axes (times ``multiple``, the number of micro-batches)."""
+def check_batch(batch: Any, sharding: NamedSharding, multiple: int = 1, *,
+                scale: int = 1) -> None:
+    """Raises :class:`MeshError` unless every array's leading dim (times ``scale``: the
+    process count for per-process data) divides across the data axes times ``multiple``
+    (the number of micro-batches)."""
     n = _axis_size(sharding.mesh, sharding.spec[0] if len(sharding.spec) else None)
     for path, x in P.leaves_with_paths(batch):
         shape = np.shape(x)
         if not shape:
             raise MeshError(f"batch entry {path!r} is a scalar; every batch entry needs a "
                             "leading batch dim.")
-        if shape[0] % (n * multiple):
+        rows = shape[0] * scale
+        if rows % (n * multiple):
             what = f"{n} data-parallel shards" + (f" x {multiple} micro-batches"
                                                   if multiple > 1 else "")
             raise MeshError(
-                f"batch entry {path!r} has {shape[0]} rows, which do not divide across {what} "
+                f"batch entry {path!r} has {rows} rows, which do not divide across {what} "
                 f"(mesh axes {sharding.spec[0]}); use a global batch that is a multiple of "
                 f"{n * multiple}.")
 
@@ -250,11 +253,10 @@ def check_batch(batch: Any, sharding: NamedSharding, multiple: int = 1) -> None:
 def process_rows(global_rows: int, sharding: NamedSharding) -> slice:
     """The rows of a global batch that this process's devices hold (contiguous)."""
     idx = sharding.addressable_devices_indices_map((global_rows,))
-    starts = [i[0].start or 0 for i in idx.values()]
-    stops = [global_rows if i[0].stop is None else i[0].stop for i in idx.values()]
-    lo, hi = min(starts), max(stops)
-    covered = sum(b - a for a, b in {(a, b) for a, b in zip(starts, stops)})
-    if covered != hi - lo:
+    spans = {(i[0].start or 0, global_rows if i[0].stop is None else i[0].stop)
+             for i in idx.values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != hi - lo:
         raise MeshError("this process's devices do not hold a contiguous block of the batch; "
                         "build the mesh with make_mesh (devices in process order).")
     return slice(lo, hi)
@@ -267,7 +269,8 @@ def shard_batch(batch: Any, sharding: NamedSharding, *, is_global: bool = True,
     Args:
       batch: a pytree of host arrays. With ``is_global`` (default) each holds the whole
         global batch (every process passes the same data; each keeps only its rows);
-        otherwise this process's rows only (``global rows / process_count``).
+        otherwise this process's rows only (``global rows / process_count``, in process
+        order).
       sharding: from :func:`batch_sharding` (``shardings.batch`` of :func:`jlora.train.init`).
       is_global: whether ``batch`` is the global batch or this process's part.
       multiple: the global batch must divide by the data-axes size times this (the
@@ -278,31 +281,24 @@ def shard_batch(batch: Any, sharding: NamedSharding, *, is_global: bool = True,
 
     Raises:
       MeshError: a batch that does not divide across the data axes.
+
+    Example:
+      >>> mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+      >>> x = shard_batch({"ids": np.zeros((8, 3), np.int32)}, batch_sharding(mesh))["ids"]
+      >>> x.shape, x.sharding.spec, x.addressable_shards[0].data.shape
+      ((8, 3), P(('data', 'fsdp'),), (2, 3))
     """
-    n_proc = jax.process_count()
-    if not is_global:
-        batch = jax.tree.map(lambda x: _GlobalShape(x, np.shape(x)[0] * n_proc), batch)
-    sizes = jax.tree.map(lambda x: x.rows if isinstance(x, _GlobalShape) else np.shape(x)[0],
-                         batch, is_leaf=lambda x: isinstance(x, _GlobalShape))
-    check_batch(jax.tree.map(lambda n: np.zeros((n, 0)), sizes), sharding, multiple)
+    scale = 1 if is_global else jax.process_count()
+    check_batch(batch, sharding, multiple, scale=scale)
+    target = NamedSharding(sharding.mesh, PS(*sharding.spec[:1]))
 
-    def put(x):
-        if isinstance(x, _GlobalShape):
-            local, rows = np.asarray(x.data), x.rows
-        else:
-            x = np.asarray(x)
-            rows = x.shape[0]
-            local = x[process_rows(rows, sharding)]
-        spec = PS(*sharding.spec[:1])
-        return jax.make_array_from_process_local_data(
-            NamedSharding(sharding.mesh, spec), local, (rows, *local.shape[1:]))
+    def place(x):
+        x = np.asarray(x)
+        rows = x.shape[0] * scale
+        local = x[process_rows(rows, sharding)] if is_global else x
+        return jax.make_array_from_process_local_data(target, local, (rows, *x.shape[1:]))
 
-    return jax.tree.map(put, batch, is_leaf=lambda x: isinstance(x, _GlobalShape))
-
-
-class _GlobalShape:
-    def __init__(self, data: Any, rows: int):
-        self.data, self.rows = data, rows
+    return jax.tree.map(place, batch)
 
 
 def put(tree: Any, shardings: Any) -> Any:

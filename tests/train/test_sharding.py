@@ -111,3 +111,46 @@ def test_bad_mesh_rules_and_batches():
     with pytest.raises(MeshError, match=r"8 rows.*4 data-parallel shards x 4 micro-batches"):
         step(state, frozen, batch)
     assert isinstance(MeshError("x"), jlora.JloraError)
+
+
+def _specs_of(model, example, mesh):
+    shapes = jax.eval_shape(model.init, jax.random.key(0), example)
+    flat = jax.tree_util.tree_flatten_with_path(T.param_specs(shapes, mesh))[0]
+    return {jlora.paths.keypath_to_path(kp).removeprefix("params."): s for kp, s in flat}
+
+
+def test_default_rules_on_jlora_models():
+    """Megatron-style layout of the default rules on jlora's Llama and GPT-2 (shape-only)."""
+    from jlora.models.gpt2 import GPT2Config, GPT2LMHeadModel
+    from jlora.models.llama import DecoderConfig, LlamaForCausalLM
+
+    mesh = T.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
+    ids = np.zeros((1, 4), np.int32)
+    llama = _specs_of(LlamaForCausalLM(DecoderConfig.from_hf(hf)), ids, mesh)
+    col, row = PS("fsdp", "tensor"), PS("tensor", "fsdp")
+    layer = "model.layers.0."
+    for name, spec in [("self_attn.q_proj", col), ("self_attn.k_proj", col), ("mlp.up_proj", col),
+                       ("mlp.gate_proj", col), ("self_attn.o_proj", row), ("mlp.down_proj", row)]:
+        assert llama[f"{layer}{name}.kernel"] == spec, name
+    assert llama["model.embed_tokens.embedding"] == PS("tensor", "fsdp")
+    assert llama["lm_head.kernel"] == col and llama["model.norm.scale"] == PS(None)
+    gpt2 = _specs_of(GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=8, n_embd=32,
+                                                n_layer=1, n_head=4)), ids, mesh)
+    assert gpt2["transformer.h.0.attn.c_attn.kernel"] == col
+    assert gpt2["transformer.h.0.attn.c_attn.bias"] == PS("tensor")
+    assert gpt2["transformer.h.0.attn.c_proj.kernel"] == row
+    assert gpt2["transformer.h.0.mlp.c_fc.kernel"] == col
+    assert gpt2["transformer.h.0.mlp.c_proj.kernel"] == row
+
+
+def test_per_process_batches():
+    """With one process, a per-process batch is the global batch."""
+    mesh = T.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    b = data().batch(0)
+    x = T.shard_batch(b, T.batch_sharding(mesh), is_global=False)
+    y = T.shard_batch(b, T.batch_sharding(mesh))
+    for a, c in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+        assert a.sharding == c.sharding
