@@ -19,6 +19,10 @@ import numpy as np
 ParamPath = tuple[str, ...]
 
 
+def _none_optional(hf_config: Mapping[str, Any]) -> set[str]:
+    return set()
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """How one transformers architecture maps onto a jlora linen model.
@@ -36,6 +40,10 @@ class ArchSpec:
       fan_in_fan_out: dotted module-name suffixes whose HF weight is stored (in, out)
         (GPT-2's Conv1D); PEFT export sets ``fan_in_fan_out: true`` for them.
       example_inputs: ``(hf_config) -> tuple`` of example arguments for ``model.init``.
+      optional_hf_keys: ``(hf_config) -> set[str]``, a subset of ``expected_hf_keys`` that a
+        checkpoint may lack, as transformers' Auto class allows (BERT's pooler, which
+        ``BertForMaskedLM`` does not save); ``hf.load`` initialises those params from
+        ``model.init`` and logs which. Defaults to none.
     """
 
     model_types: tuple[str, ...]
@@ -46,3 +54,4 @@ class ArchSpec:
     auto_class: str
     example_inputs: Callable[[Mapping[str, Any]], tuple]
     fan_in_fan_out: tuple[str, ...] = field(default=())
+    optional_hf_keys: Callable[[Mapping[str, Any]], set[str]] = field(default=_none_optional)

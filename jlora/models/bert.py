@@ -279,22 +279,23 @@ def _hf_to_params(name: str, array: np.ndarray) -> tuple[ParamPath, np.ndarray] 
     if name in _BUFFERS:
         return None
     *module, leaf = name.split(".")
+    unknown = (*module, leaf), array  # no param has this path: hf.load reports it unexpected
     if not module:
-        return None
+        return unknown
     last = module[-1]
     if leaf in ("gamma", "beta"):  # TF-era LayerNorm names
         leaf = "weight" if leaf == "gamma" else "bias"
     if leaf == "bias":
         return (*module, "bias"), array
     if leaf != "weight":
-        return None
+        return unknown
     if last.endswith("_embeddings"):
         return (*module, "embedding"), array
     if last == "LayerNorm":
         return (*module, "scale"), array
     if last in _LINEAR_NAMES:
-        return (*module, "kernel"), np.ascontiguousarray(array.T)
-    return None
+        return (*module, "kernel"), array.T  # a view: hf.load checks shapes on placeholders
+    return unknown
 
 
 def _params_to_hf(path: ParamPath, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -327,6 +328,14 @@ def _expected_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
     return keys
 
 
+def _optional_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
+    # BertForMaskedLM / BertForCausalLM build BertModel(add_pooling_layer=False) and save no
+    # pooler; AutoModel then initialises it randomly, and so does hf.load.
+    if not BertConfig.from_hf(hf_config).add_pooling_layer:
+        return set()
+    return {"pooler.dense.weight", "pooler.dense.bias"}
+
+
 def _build(hf_config: Mapping[str, Any], dtype: Any = None) -> BertModel:
     dtype = jnp.float32 if dtype is None else dtype
     return BertModel(BertConfig.from_hf(hf_config), dtype=dtype, param_dtype=dtype)
@@ -345,4 +354,5 @@ SPEC = ArchSpec(
     expected_hf_keys=_expected_hf_keys,
     auto_class="AutoModel",
     example_inputs=_example_inputs,
+    optional_hf_keys=_optional_hf_keys,
 )

@@ -327,7 +327,7 @@ _EMBEDS = ("wte", "wpe")
 
 def _hf_to_params(name: str, array: np.ndarray) -> tuple[ParamPath, np.ndarray] | None:
     if name == "lm_head.weight":
-        return ("lm_head", "kernel"), np.ascontiguousarray(array.T)
+        return ("lm_head", "kernel"), array.T  # a view: hf.load checks shapes on placeholders
     if not name.startswith(_PREFIX):  # original OpenAI-era checkpoints carry no prefix
         name = _PREFIX + name
     if name.endswith(_BUFFER_SUFFIXES):
