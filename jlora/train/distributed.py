@@ -49,6 +49,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     Raises:
       MeshError: an incomplete or inconsistent configuration.
+
+    Example:
+      >>> initialize(num_processes=1)  # one process: nothing to start
+      False
+
+    On each of two hosts (``process_id`` 0 and 1)::
+
+      jlora.train.initialize("10.0.0.1:1234", num_processes=2, process_id=i)
     """
     from jax._src import distributed as _dist
 

@@ -106,7 +106,12 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], axis_names: Sequence[str
 
 def single_device_mesh(device: Any = None) -> Mesh:
     """A 1x1x1 mesh (``data``, ``fsdp``, ``tensor``) on one device: the same code path as a
-    sharded run, on one CPU."""
+    sharded run, on one CPU.
+
+    Example:
+      >>> dict(single_device_mesh().shape)
+      {'data': 1, 'fsdp': 1, 'tensor': 1}
+    """
     return make_mesh((1, 1, 1), devices=[device or jax.devices()[0]])
 
 
@@ -225,7 +230,12 @@ def batch_axes(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> tuple[str, ...]:
 
 
 def batch_sharding(mesh: Mesh, axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
-    """The sharding of a batch array: leading dim over the data axes, the rest replicated."""
+    """The sharding of a batch array: leading dim over the data axes, the rest replicated.
+
+    Example:
+      >>> batch_sharding(make_mesh({"data": 2, "fsdp": 2, "tensor": 2})).spec
+      P(('data', 'fsdp'),)
+    """
     return NamedSharding(mesh, PS(batch_axes(mesh, axes) or None))
 
 
@@ -306,6 +316,13 @@ def put(tree: Any, shardings: Any) -> Any:
 
     Every process must pass the same values; each keeps the shards of its own devices.
     ``None`` leaves stay None.
+
+    Example:
+      >>> mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+      >>> x = put({"w": np.ones((16, 2)), "b": None}, {"w": NamedSharding(mesh, PS("fsdp")),
+      ...                                              "b": None})
+      >>> x["w"].addressable_shards[0].data.shape, x["b"]
+      ((2, 2), None)
     """
     def one(x, s):
         if x is None:

@@ -148,7 +148,16 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
 
 def abstract(state: TrainState, shardings: Shardings | None = None) -> TrainState:
     """The state as ``ShapeDtypeStruct``s carrying ``shardings.state`` (or each array's own
-    sharding): a restore target, e.g. for another mesh."""
+    sharding): a restore target, e.g. for another mesh.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jlora
+      >>> p = jlora.inject({"q": {"kernel": jnp.ones((8, 4))}},
+      ...                  jlora.LoraConfig(rank=2, targets=["q"]), jax.random.key(0))
+      >>> state, _, sh = init(p, optax.sgd(0.1), jax.random.key(1))
+      >>> abstract(state, sh).params["q"]["kernel_lora_a"].shape
+      (8, 2)
+    """
     sh = shardings.state if shardings is not None else jax.tree.map(lambda x: x.sharding, state)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         state, sh)
