@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
                       + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
 
     trainable, frozen = jlora.split(params)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, 5, args.steps)
+    warmup = max(1, min(5, args.steps // 4))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 2e-3, warmup, max(args.steps, warmup + 1))
     tx = jlora.optimizer(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule)),
                          trainable)
     opt_state = tx.init(trainable)
