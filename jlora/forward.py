@@ -22,7 +22,7 @@ from flax.linen.dtypes import promote_dtype
 
 from jlora import paths as P
 from jlora.errors import ConfigError, UnconsumedAdapterError
-from jlora.merge import merge
+from jlora.merge import fold_modules, merge
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 
@@ -169,26 +169,9 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
                 f"adapters of {', '.join(m or '<root>' for m in missing)}; use "
                 f"lora(fn, on_unconsumed='merge') to merge "
                 "them on read, or target only supported layers.")
-        partly = _merge_only(variables, set(missing))
+        partly = P.with_params(variables, fold_modules(P.params_of(variables), into=True,
+                                                       only=set(missing)))
         with nn.intercept_methods(_interceptor(dropout, set())):
             return fn(partly, *args, **kwargs)
 
     return wrapped
-
-
-def _merge_only(variables: Any, modules: set[str]) -> Any:
-    """Merges the adapters of the given modules only (marked merged, leaves kept)."""
-    tree = P.params_of(variables)
-    from jlora.merge import _fold
-
-    def fn(module, leaves):
-        if module not in modules:
-            return leaves
-        out = dict(leaves)
-        for param in P.adapter_params(leaves):
-            if param + P.SCALE_SUFFIX in leaves:
-                out[param] = _fold(leaves, param, +1.0)
-                out[param + P.MERGED_SUFFIX] = out.pop(param + P.SCALE_SUFFIX)
-        return out
-
-    return P.with_params(variables, P.map_modules(tree, fn))

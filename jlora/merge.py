@@ -44,6 +44,32 @@ def _require_adapters(tree: Any, what: str) -> None:
                                "jlora.inject(params, config, key) first.")
 
 
+def fold_modules(tree: Any, *, into: bool, unload: bool = False,
+                 only: set[str] | None = None) -> Any:
+    """Folds adapters into (``into=True``) or out of their kernels, module by module.
+
+    Folding in turns ``<param>_lora_scale`` into the ``<param>_lora_merged`` marker (or
+    drops A, B and the marker with ``unload``); folding out reverses it. ``only`` limits the
+    work to some module paths. Adapters already in the wanted state are left alone.
+    """
+    src, dst = (P.SCALE_SUFFIX, P.MERGED_SUFFIX) if into else (P.MERGED_SUFFIX, P.SCALE_SUFFIX)
+
+    def fn(module, leaves):
+        if only is not None and module not in only:
+            return leaves
+        out = dict(leaves)
+        for param in P.adapter_params(leaves):
+            if param + src in leaves:
+                out[param] = _fold(leaves, param, +1.0 if into else -1.0)
+                out[param + dst] = out.pop(param + src)
+            if unload:
+                for s in (P.A_SUFFIX, P.B_SUFFIX, P.MERGED_SUFFIX):
+                    out.pop(param + s, None)
+        return out
+
+    return P.map_modules(tree, fn)
+
+
 def merge(params: Any, *, unload: bool = False) -> Any:
     """Folds every active adapter into its kernel: ``W + scale * A @ B``.
 
@@ -65,19 +91,7 @@ def merge(params: Any, *, unload: bool = False) -> Any:
     """
     tree = P.params_of(params)
     _require_adapters(tree, "merge")
-
-    def fn(_, leaves):
-        out = dict(leaves)
-        for param in P.adapter_params(leaves):
-            if param + P.SCALE_SUFFIX in leaves:
-                out[param] = _fold(leaves, param, +1.0)
-                out[param + P.MERGED_SUFFIX] = out.pop(param + P.SCALE_SUFFIX)
-            if unload:
-                for s in (P.A_SUFFIX, P.B_SUFFIX, P.MERGED_SUFFIX):
-                    out.pop(param + s, None)
-        return out
-
-    return P.with_params(params, P.map_modules(tree, fn))
+    return P.with_params(params, fold_modules(tree, into=True, unload=unload))
 
 
 def unmerge(params: Any) -> Any:
@@ -94,16 +108,7 @@ def unmerge(params: Any) -> Any:
     """
     tree = P.params_of(params)
     _require_adapters(tree, "unmerge")
-
-    def fn(_, leaves):
-        out = dict(leaves)
-        for param in P.adapter_params(leaves):
-            if param + P.MERGED_SUFFIX in leaves:
-                out[param] = _fold(leaves, param, -1.0)
-                out[param + P.SCALE_SUFFIX] = out.pop(param + P.MERGED_SUFFIX)
-        return out
-
-    return P.with_params(params, P.map_modules(tree, fn))
+    return P.with_params(params, fold_modules(tree, into=False))
 
 
 def delta(params: Any) -> dict[str, Any]:
