@@ -20,19 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.errors import HFError
+from jlora.models import common
 from jlora.models.base import ArchSpec, ParamPath
 
 __all__ = ["BertConfig", "BertModel", "BertOutput", "SPEC"]
 
-_ACTIVATIONS = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-}
+_ACTIVATIONS = common.activations(
+    "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh"
+)
 
 
 @dataclass(frozen=True)
@@ -58,16 +53,8 @@ class BertConfig:
     add_pooling_layer: bool = True
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads:
-            raise HFError(
-                f"BERT hidden_size={self.hidden_size} is not divisible by "
-                f"num_attention_heads={self.num_attention_heads}; fix config.json."
-            )
-        if self.hidden_act not in _ACTIVATIONS:
-            raise HFError(
-                f"BERT hidden_act={self.hidden_act!r} is not supported; "
-                f"use one of {sorted(_ACTIVATIONS)}."
-            )
+        common.check_heads("BERT", self, "hidden_size", "num_attention_heads")
+        common.check_activation("BERT", self, "hidden_act", _ACTIVATIONS)
 
     @property
     def head_dim(self) -> int:
@@ -85,9 +72,7 @@ class BertConfig:
             )
         if hf_config.get("is_decoder") or hf_config.get("add_cross_attention"):
             raise HFError("BERT as a decoder (is_decoder / add_cross_attention) is not supported.")
-        names = cls.__dataclass_fields__
-        kwargs = {k: v for k, v in hf_config.items() if k in names and v is not None}
-        return cls(**kwargs)
+        return common.dataclass_from_hf(cls, hf_config)
 
 
 class BertOutput(NamedTuple):
@@ -147,10 +132,8 @@ class BertSelfAttention(_Module):
         )
         q, k, v = heads("query"), heads("key"), heads("value")
         w = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        w = jnp.where(mask, w, jnp.finfo(jnp.float32).min)
-        w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
-        w = self._dropout(cfg.attention_probs_dropout_prob, w, deterministic)
-        return jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, t, cfg.hidden_size)
+        drop = lambda w: self._dropout(cfg.attention_probs_dropout_prob, w, deterministic)
+        return common.softmax_attend(w, v, mask, drop).reshape(b, t, cfg.hidden_size)
 
 
 class BertResidual(_Module):
@@ -299,15 +282,7 @@ def _hf_to_params(name: str, array: np.ndarray) -> tuple[ParamPath, np.ndarray] 
 
 
 def _params_to_hf(path: ParamPath, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    *module, leaf = path
-    module_name = ".".join(module)
-    if leaf == "kernel":
-        return [(f"{module_name}.weight", np.ascontiguousarray(np.asarray(array).T))]
-    if leaf in ("embedding", "scale"):
-        return [(f"{module_name}.weight", array)]
-    if leaf == "bias":
-        return [(f"{module_name}.bias", array)]
-    raise HFError(f"BERT has no HF tensor for param {'.'.join(path)!r}; merge adapters first.")
+    return common.linear_params_to_hf("BERT", path, array)
 
 
 def _expected_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
@@ -337,13 +312,11 @@ def _optional_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
 
 
 def _build(hf_config: Mapping[str, Any], dtype: Any = None) -> BertModel:
-    dtype = jnp.float32 if dtype is None else dtype
-    return BertModel(BertConfig.from_hf(hf_config), dtype=dtype, param_dtype=dtype)
+    return common.build(BertModel, BertConfig.from_hf(hf_config), dtype)
 
 
 def _example_inputs(hf_config: Mapping[str, Any]) -> tuple:
-    t = min(8, BertConfig.from_hf(hf_config).max_position_embeddings)
-    return (jnp.zeros((1, t), jnp.int32),)
+    return common.example_ids(BertConfig.from_hf(hf_config).max_position_embeddings)
 
 
 SPEC = ArchSpec(

@@ -21,20 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.errors import HFError, JloraError
+from jlora.models import common
 from jlora.models.base import ArchSpec, ParamPath
 
 __all__ = ["GPT2Config", "GPT2LMHeadModel", "SPEC"]
 
-_ACTIVATIONS = {
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "tanh": jnp.tanh,
-}
+_ACTIVATIONS = common.activations(
+    "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish", "tanh"
+)
 
 
 @dataclass(frozen=True)
@@ -62,16 +56,8 @@ class GPT2Config:
     resid_pdrop: float = 0.1
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise HFError(
-                f"GPT-2 n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
-                "fix config.json."
-            )
-        if self.activation_function not in _ACTIVATIONS:
-            raise HFError(
-                f"GPT-2 activation_function={self.activation_function!r} is not supported; "
-                f"use one of {sorted(_ACTIVATIONS)}."
-            )
+        common.check_heads("GPT-2", self, "n_embd", "n_head")
+        common.check_activation("GPT-2", self, "activation_function", _ACTIVATIONS)
 
     @property
     def head_dim(self) -> int:
@@ -88,18 +74,13 @@ class GPT2Config:
         """Reads the fields this model uses from a ``config.json`` dict; others are ignored."""
         if hf_config.get("add_cross_attention"):
             raise HFError("GPT-2 with add_cross_attention is not supported by jlora.")
-        names = cls.__dataclass_fields__
-        kwargs = {k: v for k, v in hf_config.items() if k in names and v is not None}
-        return cls(**kwargs)
+        return common.dataclass_from_hf(cls, hf_config)
 
 
 def _attend(q, k, v, mask, scale, dropout, deterministic):
     """Softmax attention over (batch, len, heads, head_dim); ``mask`` broadcasts to (b,h,q,k)."""
     w = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
-    w = jnp.where(mask, w, jnp.finfo(jnp.float32).min)
-    w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
-    w = dropout(w, deterministic=deterministic)
-    return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+    return common.softmax_attend(w, v, mask, lambda w: dropout(w, deterministic=deterministic))
 
 
 class GPT2Attention(nn.Module):
@@ -121,15 +102,7 @@ class GPT2Attention(nn.Module):
         q, k, v = (y.reshape(b, t, cfg.n_head, cfg.head_dim) for y in (q, k, v))
         new_cache = None
         if kv_cache is not None:
-            start = (0, cache_index, 0, 0)
-            ck = jax.lax.dynamic_update_slice(
-                kv_cache["key"], k.astype(kv_cache["key"].dtype), start
-            )
-            cv = jax.lax.dynamic_update_slice(
-                kv_cache["value"], v.astype(kv_cache["value"].dtype), start
-            )
-            new_cache = {"key": ck, "value": cv}
-            k, v = ck.astype(self.dtype), cv.astype(self.dtype)
+            new_cache, k, v = common.update_kv_cache(kv_cache, k, v, cache_index, self.dtype)
         scale = 1.0 / math.sqrt(cfg.head_dim) if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= float(self.layer_idx + 1)
@@ -265,13 +238,9 @@ class GPT2LMHeadModel(nn.Module):
                 f"max_length={max_length} exceeds GPT-2's n_positions={cfg.n_positions}; "
                 "generate fewer tokens or use a shorter prompt."
             )
-        shape = (batch_size, max_length, cfg.n_head, cfg.head_dim)
-        zeros = lambda: jnp.zeros(shape, dtype or self.dtype)
-        return {
-            "index": jnp.zeros((), jnp.int32),
-            "mask": jnp.zeros((batch_size, max_length), bool),
-            "layers": {str(i): {"key": zeros(), "value": zeros()} for i in range(cfg.n_layer)},
-        }
+        return common.empty_cache(
+            batch_size, max_length, cfg.n_layer, cfg.n_head, cfg.head_dim, dtype or self.dtype
+        )
 
     @nn.compact
     def __call__(
@@ -364,12 +333,11 @@ def _expected_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
 
 
 def _build(hf_config: Mapping[str, Any], dtype: Any = None) -> GPT2LMHeadModel:
-    dtype = jnp.float32 if dtype is None else dtype
-    return GPT2LMHeadModel(GPT2Config.from_hf(hf_config), dtype=dtype, param_dtype=dtype)
+    return common.build(GPT2LMHeadModel, GPT2Config.from_hf(hf_config), dtype)
 
 
 def _example_inputs(hf_config: Mapping[str, Any]) -> tuple:
-    return (jnp.zeros((1, min(8, GPT2Config.from_hf(hf_config).n_positions)), jnp.int32),)
+    return common.example_ids(GPT2Config.from_hf(hf_config).n_positions)
 
 
 SPEC = ArchSpec(

@@ -9,7 +9,6 @@ them. The KV cache follows the contract in :mod:`jlora.models.generate`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,16 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.errors import HFError
+from jlora.models import common
 from jlora.models.base import ArchSpec, ParamPath
+from jlora.models.rope import rope_inv_freq
 
-_ACTIVATIONS = {
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: nn.gelu(x, approximate=True),
-    "relu": nn.relu,
-}
+_ACTIVATIONS = common.activations("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 
 
 @dataclass(frozen=True)
@@ -103,39 +97,6 @@ class DecoderConfig:
         )
 
 
-def rope_inv_freq(hf: Mapping[str, Any], head_dim: int) -> np.ndarray:
-    """Rotary inverse frequencies of a config.json, as transformers computes them (float32).
-
-    Reads ``rope_parameters`` (transformers >= 5) or the older ``rope_scaling`` +
-    ``rope_theta``; supports rope types ``default``, ``linear`` and ``llama3``.
-    """
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise HFError("partial_rotary_factor != 1 is not supported by jlora's llama model")
-    exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exps)).astype(np.float32)
-    if rope_type == "default":
-        return inv_freq
-    if rope_type == "linear":
-        return (inv_freq / np.float32(rope["factor"])).astype(np.float32)
-    if rope_type == "llama3":
-        factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-        old_len = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-        lo_wavelen, hi_wavelen = old_len / lo, old_len / hi
-        wavelen = np.float32(2 * math.pi) / inv_freq
-        scaled = np.where(wavelen > lo_wavelen, inv_freq / np.float32(factor), inv_freq)
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < hi_wavelen) & ~(wavelen > lo_wavelen)
-        return np.where(medium, smoothed, scaled).astype(np.float32)
-    raise HFError(
-        f"rope type {rope_type!r} is not supported by jlora's llama model "
-        "(supported: default, linear, llama3)"
-    )
-
-
 class RMSNorm(nn.Module):
     """transformers' RMSNorm: normalise in float32, cast back, then multiply by ``scale``."""
 
@@ -190,12 +151,7 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         new_cache = None
         if layer_cache is not None:
-            update = lambda buf, new: jax.lax.dynamic_update_slice(
-                buf, new.astype(buf.dtype), (0, cache_index, 0, 0)
-            )
-            keys, values = update(layer_cache["key"], k), update(layer_cache["value"], v)
-            new_cache = {"key": keys, "value": values}
-            k, v = keys.astype(self.dtype), values.astype(self.dtype)
+            new_cache, k, v = common.update_kv_cache(layer_cache, k, v, cache_index, self.dtype)
         # allowed[b, q, s]: a real key at or before the query (and inside the window)
         allowed = key_valid[:, None, :] & (k_slots[None, None, :] <= q_slots[None, :, None])
         if self.window is not None:
@@ -350,14 +306,14 @@ class LlamaForCausalLM(nn.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> dict:
         """An empty KV cache for ``batch_size`` rows of up to ``max_length`` tokens."""
         c = self.config
-        shape = (batch_size, max_length, c.num_key_value_heads, c.head_dim)
-        dtype = dtype or self.dtype
-        layer = lambda: {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
-        return {
-            "index": jnp.zeros((), jnp.int32),
-            "mask": jnp.zeros((batch_size, max_length), bool),
-            "layers": {str(i): layer() for i in range(c.num_hidden_layers)},
-        }
+        return common.empty_cache(
+            batch_size,
+            max_length,
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            dtype or self.dtype,
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,8 +321,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 def _build(hf_config: Mapping[str, Any], dtype: Any = None) -> LlamaForCausalLM:
-    dtype = jnp.dtype(dtype or jnp.float32)
-    return LlamaForCausalLM(DecoderConfig.from_hf(hf_config), dtype=dtype, param_dtype=dtype)
+    return common.build(LlamaForCausalLM, DecoderConfig.from_hf(hf_config), dtype)
 
 
 def _is_norm(module: str) -> bool:
@@ -390,14 +345,7 @@ def _hf_to_params(name: str, array: np.ndarray) -> tuple[ParamPath, np.ndarray] 
 
 
 def _params_to_hf(path: ParamPath, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    module, leaf = ".".join(path[:-1]), path[-1]
-    if leaf == "kernel":
-        return [(f"{module}.weight", array.T)]
-    if leaf in ("embedding", "scale"):
-        return [(f"{module}.weight", array)]
-    if leaf == "bias":
-        return [(f"{module}.bias", array)]
-    raise HFError(f"param {'.'.join(path)!r} has no transformers name (leaf {leaf!r})")
+    return common.linear_params_to_hf("Llama-family model", path, array)
 
 
 def _expected_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:

@@ -1,0 +1,148 @@
+"""Pieces the architectures share: activations, config checks, attention, KV cache, name map.
+
+Internal to :mod:`jlora.models`; each helper does exactly what the architecture modules did
+inline, so outputs are unchanged bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora.errors import HFError
+from jlora.models.base import ParamPath
+
+_T = TypeVar("_T")
+
+_ALL_ACTIVATIONS: dict[str, Callable] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activations(*names: str) -> dict[str, Callable]:
+    """transformers' ``ACT2FN`` entries ``names``, as jax functions.
+
+    Example:
+      >>> sorted(activations("silu", "relu"))
+      ['relu', 'silu']
+    """
+    return {n: _ALL_ACTIVATIONS[n] for n in names}
+
+
+def check_heads(arch: str, config: Any, hidden: str, heads: str) -> None:
+    """Raises :class:`HFError` unless field ``hidden`` of ``config`` divides by ``heads``."""
+    h, n = getattr(config, hidden), getattr(config, heads)
+    if h % n:
+        raise HFError(f"{arch} {hidden}={h} is not divisible by {heads}={n}; fix config.json.")
+
+
+def check_activation(arch: str, config: Any, field: str, table: Mapping[str, Callable]) -> None:
+    """Raises :class:`HFError` unless field ``field`` of ``config`` names an activation."""
+    act = getattr(config, field)
+    if act not in table:
+        raise HFError(f"{arch} {field}={act!r} is not supported; use one of {sorted(table)}.")
+
+
+def dataclass_from_hf(cls: type[_T], hf_config: Mapping[str, Any]) -> _T:
+    """``cls(**fields)`` from the config.json entries named like its fields (``None`` skipped).
+
+    Example:
+      >>> import dataclasses
+      >>> @dataclasses.dataclass
+      ... class C:
+      ...     n: int = 1
+      >>> dataclass_from_hf(C, {"n": 3, "other": 0, "m": None})
+      C(n=3)
+    """
+    names = cls.__dataclass_fields__  # type: ignore[attr-defined]
+    return cls(**{k: v for k, v in hf_config.items() if k in names and v is not None})
+
+
+def softmax_attend(scores, v, mask, dropout: Callable):
+    """Masked softmax of float32 ``scores`` (b, h, q, k), ``dropout``, then values (b, k, h, d).
+
+    ``mask`` broadcasts to the scores; masked keys get the float32 minimum. Returns
+    (b, q, h, d) in ``v``'s dtype.
+    """
+    w = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    w = jax.nn.softmax(w, axis=-1).astype(v.dtype)
+    w = dropout(w)
+    return jnp.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+def update_kv_cache(layer_cache: Mapping[str, Any], k, v, index, dtype):
+    """Writes keys and values (b, t, heads, d) at slot ``index`` of a layer's cache.
+
+    Returns ``(new_layer_cache, keys, values)``: all the cached keys and values, cast to
+    ``dtype``.
+    """
+    update = lambda buf, new: jax.lax.dynamic_update_slice(
+        buf, new.astype(buf.dtype), (0, index, 0, 0)
+    )
+    keys, values = update(layer_cache["key"], k), update(layer_cache["value"], v)
+    return {"key": keys, "value": values}, keys.astype(dtype), values.astype(dtype)
+
+
+def empty_cache(
+    batch_size: int, max_length: int, layers: int, kv_heads: int, head_dim: int, dtype: Any
+) -> dict:
+    """The empty KV cache :mod:`jlora.models.generate` specifies.
+
+    Example:
+      >>> c = empty_cache(2, 5, layers=1, kv_heads=3, head_dim=4, dtype=jnp.float32)
+      >>> c["layers"]["0"]["key"].shape, c["mask"].shape
+      ((2, 5, 3, 4), (2, 5))
+    """
+    shape = (batch_size, max_length, kv_heads, head_dim)
+    layer = lambda: {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "mask": jnp.zeros((batch_size, max_length), bool),
+        "layers": {str(i): layer() for i in range(layers)},
+    }
+
+
+def linear_params_to_hf(
+    arch: str, path: ParamPath, array: np.ndarray
+) -> list[tuple[str, np.ndarray]]:
+    """The transformers tensor of a param whose module is an ``nn.Linear`` in PyTorch.
+
+    ``kernel`` -> ``weight`` transposed (a view: ``hf_layout_shape`` passes zero-memory
+    placeholders), ``embedding`` / ``scale`` -> ``weight``, ``bias`` -> ``bias``.
+
+    Example:
+      >>> [(n, a.shape) for n, a in linear_params_to_hf("X", ("fc", "kernel"), np.ones((2, 3)))]
+      [('fc.weight', (3, 2))]
+    """
+    *module, leaf = path
+    module_name = ".".join(module)
+    if leaf == "kernel":
+        return [(f"{module_name}.weight", array.T)]
+    if leaf in ("embedding", "scale"):
+        return [(f"{module_name}.weight", array)]
+    if leaf == "bias":
+        return [(f"{module_name}.bias", array)]
+    raise HFError(f"{arch} has no HF tensor for param {'.'.join(path)!r}; merge adapters first.")
+
+
+def build(model_cls: Callable[..., _T], config: Any, dtype: Any = None) -> _T:
+    """``model_cls(config)`` computing in and creating params of ``dtype`` (float32 default)."""
+    dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
+    return model_cls(config, dtype=dtype, param_dtype=dtype)
+
+
+def example_ids(max_length: int) -> tuple:
+    """``model.init`` arguments: one row of ``min(8, max_length)`` token ids."""
+    return (jnp.zeros((1, min(8, max_length)), jnp.int32),)
