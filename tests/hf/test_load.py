@@ -27,9 +27,8 @@ from jlora.hf.load import load
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saved(tmp_path_factory, save_hf):
     path = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
     cfg = tf.LlamaConfig(
         vocab_size=50,
         hidden_size=16,
@@ -38,19 +37,11 @@ def saved(tmp_path_factory):
         num_attention_heads=2,
         num_key_value_heads=1,
     )
-    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    model.save_pretrained(path)
-    return model, path
+    return save_hf(cfg, path), path
 
 
 def _copy(saved, tmp_path):
     return shutil.copytree(saved[1], tmp_path / "copy")
-
-
-def _rewrite(path, fn):
-    """Rewrites model.safetensors with ``fn(dict of tensors) -> dict of tensors``."""
-    tensors = dict(iter_tensors(path))
-    write_safetensors(path / SINGLE_FILE, fn(tensors))
 
 
 IDS = np.array([[3, 7, 1, 9, 4]])
@@ -113,7 +104,7 @@ def test_error_no_weights(saved, tmp_path):
         load(path)
 
 
-def test_error_missing_and_unexpected_tensors(saved, tmp_path):
+def test_error_missing_and_unexpected_tensors(saved, tmp_path, rewrite_weights):
     path = _copy(saved, tmp_path)
 
     def edit(t):
@@ -121,7 +112,7 @@ def test_error_missing_and_unexpected_tensors(saved, tmp_path):
         t["model.layers.0.self_attn.extra.weight"] = np.zeros((2, 2), np.float32)
         return t
 
-    _rewrite(path, edit)
+    rewrite_weights(path, edit)
     with pytest.raises(HFError) as info:
         load(path)
     msg = str(info.value)
@@ -129,9 +120,11 @@ def test_error_missing_and_unexpected_tensors(saved, tmp_path):
     assert "unexpected tensors: 'model.layers.0.self_attn.extra.weight'" in msg
 
 
-def test_error_shape_mismatch(saved, tmp_path):
+def test_error_shape_mismatch(saved, tmp_path, rewrite_weights):
     path = _copy(saved, tmp_path)
-    _rewrite(path, lambda t: {**t, "model.layers.0.mlp.down_proj.weight": np.zeros((16, 20))})
+    rewrite_weights(
+        path, lambda t: {**t, "model.layers.0.mlp.down_proj.weight": np.zeros((16, 20))}
+    )
     with pytest.raises(HFError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \(16, 20\)"
                        r".*implies \(16, 24\)"):  # fmt: skip
         load(path)
@@ -214,8 +207,7 @@ def test_atomic_dir_interrupted_leaves_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_tied_head_stored_anyway_is_ignored(tmp_path):
-    torch.manual_seed(0)
+def test_tied_head_stored_anyway_is_ignored(tmp_path, save_hf, rewrite_weights):
     cfg = tf.Qwen2Config(
         vocab_size=40,
         hidden_size=16,
@@ -226,13 +218,12 @@ def test_tied_head_stored_anyway_is_ignored(tmp_path):
         tie_word_embeddings=True,
         sliding_window=2,  # ignored: use_sliding_window is False
     )
-    torch_model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    torch_model.save_pretrained(tmp_path)
+    torch_model = save_hf(cfg, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["sliding_window"] = 2  # as older Qwen2 configs store it, without layer_types
     config.pop("layer_types", None)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    _rewrite(tmp_path, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
+    rewrite_weights(tmp_path, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
     model, params, _ = load(tmp_path)
     assert "lm_head" not in params["params"] and model.config.sliding_windows is None
     with torch.no_grad():

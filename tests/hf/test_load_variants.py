@@ -1,6 +1,5 @@
 """jlora.hf.load on checkpoint variants: default tying, prefixes, optional tensors, memory."""
 
-import json
 import logging
 import tracemalloc
 
@@ -26,17 +25,6 @@ BERT_TINY = dict(
 )
 
 
-def _rewrite(path, fn):
-    """Rewrites model.safetensors with ``fn(dict of tensors) -> dict of tensors``."""
-    tensors = dict(iter_tensors(path))
-    write_safetensors(path / SINGLE_FILE, fn(tensors))
-
-
-def _edit_config(path, fn):
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps(fn(config)))
-
-
 def _without_tie_key(config):
     config.pop("tie_word_embeddings", None)
     return config
@@ -51,23 +39,22 @@ def _logits(torch_model):
 
 
 @pytest.fixture
-def gpt2_no_tie_key(tmp_path):
+def gpt2_no_tie_key(tmp_path, save_hf, edit_config):
     """A GPT-2 checkpoint whose config.json lacks tie_word_embeddings (GPT2Config: True)."""
-    torch.manual_seed(0)
     cfg = tf.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2)
-    tf.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
-    _edit_config(tmp_path, _without_tie_key)
+    save_hf(cfg, tmp_path, tf.GPT2LMHeadModel)
+    edit_config(tmp_path, _without_tie_key)
     return tmp_path
 
 
-def test_gpt2_without_tie_key_ties_as_transformers_does(gpt2_no_tie_key, caplog):
+def test_gpt2_without_tie_key_ties_as_transformers_does(gpt2_no_tie_key, caplog, rewrite_weights):
     path = gpt2_no_tie_key
     ref = tf.AutoModelForCausalLM.from_pretrained(path).eval()
     assert ref.config.tie_word_embeddings is True
     want = _logits(ref)  # before rewriting the file transformers may have memory-mapped
     for stored_head in (False, True):  # a tied head stored anyway (equal) is ignored
         if stored_head:
-            _rewrite(path, lambda t: {**t, "lm_head.weight": t["transformer.wte.weight"]})
+            rewrite_weights(path, lambda t: {**t, "lm_head.weight": t["transformer.wte.weight"]})
             assert "lm_head.weight" in checkpoint_index(path)
         with caplog.at_level(logging.WARNING, logger="jlora.hf.load"):
             model, params, hf_config = load(path)
@@ -78,12 +65,12 @@ def test_gpt2_without_tie_key_ties_as_transformers_does(gpt2_no_tie_key, caplog)
 
 
 def test_gpt2_without_tie_key_and_a_different_head_unties_as_transformers_does(
-    gpt2_no_tie_key, caplog
+    gpt2_no_tie_key, caplog, rewrite_weights
 ):
     """transformers 5 does not tie a stored head that differs from wte: neither does jlora."""
     path = gpt2_no_tie_key
     head = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
-    _rewrite(path, lambda t: {**t, "lm_head.weight": head})
+    rewrite_weights(path, lambda t: {**t, "lm_head.weight": head})
     ref = tf.AutoModelForCausalLM.from_pretrained(path).eval()
     np.testing.assert_array_equal(ref.lm_head.weight.detach().numpy(), head)
     with caplog.at_level(logging.WARNING, logger="jlora.hf.load"):
@@ -94,17 +81,16 @@ def test_gpt2_without_tie_key_and_a_different_head_unties_as_transformers_does(
     np.testing.assert_array_equal(params["params"]["lm_head"]["kernel"], head.T)
     np.testing.assert_allclose(model.apply(params, IDS), _logits(ref), atol=1e-4)
 
-    _rewrite(path, lambda t: {**t, "lm_head.weight": np.zeros((41, 16), np.float32)})
+    rewrite_weights(path, lambda t: {**t, "lm_head.weight": np.zeros((41, 16), np.float32)})
     with pytest.raises(HFError, match=r"'lm_head.weight' has shape \(41, 16\)"):
         load(path)
 
 
-def test_gpt2_explicitly_untied_loads_its_head(tmp_path):
-    torch.manual_seed(0)
+def test_gpt2_explicitly_untied_loads_its_head(tmp_path, save_hf):
     cfg = tf.GPT2Config(
         vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=False
     )
-    tf.GPT2LMHeadModel(cfg).save_pretrained(tmp_path)
+    save_hf(cfg, tmp_path, tf.GPT2LMHeadModel)
     ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     model, params, _ = load(tmp_path)
     assert "lm_head" in params["params"]
@@ -112,9 +98,10 @@ def test_gpt2_explicitly_untied_loads_its_head(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_decoder_without_tie_key_is_untied_as_in_transformers(kind, tmp_path):
+def test_decoder_without_tie_key_is_untied_as_in_transformers(
+    kind, tmp_path, save_hf, rewrite_weights, edit_config
+):
     """LlamaConfig / Qwen2Config default tie_word_embeddings to False: lm_head is required."""
-    torch.manual_seed(0)
     config_class = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}[kind]
     cfg = config_class(
         vocab_size=40,
@@ -125,15 +112,15 @@ def test_decoder_without_tie_key_is_untied_as_in_transformers(kind, tmp_path):
         num_key_value_heads=1,
         tie_word_embeddings=False,
     )
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
-    _edit_config(tmp_path, _without_tie_key)
+    save_hf(cfg, tmp_path)
+    edit_config(tmp_path, _without_tie_key)
     ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert ref.config.tie_word_embeddings is False
     model, params, _ = load(tmp_path)
     assert "lm_head" in params["params"]
     np.testing.assert_allclose(model.apply(params, IDS), _logits(ref), atol=1e-4)
 
-    _rewrite(tmp_path, lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
+    rewrite_weights(tmp_path, lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"})
     with pytest.raises(HFError, match=r"missing tensors: 'lm_head.weight'"):
         load(tmp_path)
 
@@ -141,10 +128,9 @@ def test_decoder_without_tie_key_is_untied_as_in_transformers(kind, tmp_path):
 # ---------------------------------------------------------------------- prefixed names
 
 
-def test_gpt2_without_transformer_prefix(tmp_path):
-    torch.manual_seed(0)
+def test_gpt2_without_transformer_prefix(tmp_path, save_hf):
     cfg = tf.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2)
-    tf.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "a")
+    save_hf(cfg, tmp_path / "a", tf.GPT2LMHeadModel)
     model, want, _ = load(tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
@@ -156,11 +142,10 @@ def test_gpt2_without_transformer_prefix(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def masked_lm(tmp_path_factory):
+def masked_lm(tmp_path_factory, save_hf):
     """A BertForMaskedLM checkpoint: ``bert.``-prefixed names, ``cls.*`` head, no pooler."""
     path = tmp_path_factory.mktemp("bert_mlm")
-    torch.manual_seed(0)
-    tf.BertForMaskedLM(tf.BertConfig(**BERT_TINY)).save_pretrained(path)
+    save_hf(tf.BertConfig(**BERT_TINY), path, tf.BertForMaskedLM)
     return path
 
 
@@ -197,12 +182,9 @@ def test_bert_masked_lm_checkpoint_loads_with_pooler_initialised(masked_lm, capl
     )
 
 
-def test_bert_sequence_classification_checkpoint_matches_automodel(tmp_path, caplog):
+def test_bert_sequence_classification_checkpoint_matches_automodel(tmp_path, caplog, save_hf):
     """``bert.`` prefix and a ``classifier`` head; the pooler is stored and compared too."""
-    torch.manual_seed(0)
-    tf.BertForSequenceClassification(tf.BertConfig(**BERT_TINY, num_labels=3)).save_pretrained(
-        tmp_path
-    )
+    save_hf(tf.BertConfig(**BERT_TINY, num_labels=3), tmp_path, tf.BertForSequenceClassification)
     assert "bert.pooler.dense.weight" in checkpoint_index(tmp_path)
     with caplog.at_level(logging.WARNING, logger="jlora.hf.load"):
         model, params, _ = load(tmp_path)
@@ -266,9 +248,8 @@ def test_non_optional_missing_stays_an_error_on_bert(masked_lm, tmp_path):
 # ------------------------------------------------------------------------------- memory
 
 
-def test_load_holds_one_copy_of_the_weights(tmp_path):
+def test_load_holds_one_copy_of_the_weights(tmp_path, save_hf):
     """Host memory (numpy, traced) during load stays near one tensor, not the whole model."""
-    torch.manual_seed(0)
     cfg = tf.LlamaConfig(
         vocab_size=256,
         hidden_size=256,
@@ -277,7 +258,7 @@ def test_load_holds_one_copy_of_the_weights(tmp_path):
         num_attention_heads=4,
         num_key_value_heads=4,
     )
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    save_hf(cfg, tmp_path)
     infos = checkpoint_index(tmp_path).values()
     total = sum(i.end - i.start for i in infos)
     largest = max(i.end - i.start for i in infos)

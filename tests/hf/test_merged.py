@@ -28,21 +28,20 @@ IDS = np.array([[3, 7, 1, 9, 4, 11], [5, 5, 2, 8, 30, 0]])
 MASK = np.array([[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])
 
 
-def _loaded(tmp_path_factory, cfg):
+def _loaded(tmp_path_factory, save_hf, cfg):
     path = tmp_path_factory.mktemp(cfg.model_type)
-    torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    save_hf(cfg, path)
     return load(path)
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return _loaded(tmp_path_factory, tf.LlamaConfig(**TINY))
+def llama(tmp_path_factory, save_hf):
+    return _loaded(tmp_path_factory, save_hf, tf.LlamaConfig(**TINY))
 
 
 @pytest.fixture(scope="module")
-def qwen2(tmp_path_factory):
-    return _loaded(tmp_path_factory, tf.Qwen2Config(**TINY, tie_word_embeddings=True))
+def qwen2(tmp_path_factory, save_hf):
+    return _loaded(tmp_path_factory, save_hf, tf.Qwen2Config(**TINY, tie_word_embeddings=True))
 
 
 def _hf_logits(path, **kw):

@@ -138,13 +138,11 @@ def _b_leaves(params):
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def exported(request, tmp_path_factory):
+def exported(request, tmp_path_factory, save_hf):
     name = request.param
     make, auto, config = CASES[name]
-    torch.manual_seed(0)
-    hf = auto.from_config(make(), attn_implementation="eager").eval()
     base_dir = tmp_path_factory.mktemp(f"{name}-base")
-    hf.save_pretrained(base_dir)
+    save_hf(make(), base_dir, auto, attn_implementation="eager")
     model, params, hf_config = load(base_dir)
     ids, mask = _inputs(name)
     trained, ours = _train(model, name, params, config, ids, mask)

@@ -62,13 +62,11 @@ def _outputs(name, out):
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def from_torch(request, tmp_path_factory):
+def from_torch(request, tmp_path_factory, save_hf):
     name = request.param
     make, auto, kwargs = CASES[name]
-    torch.manual_seed(0)
-    hf = auto.from_config(make(), attn_implementation="eager").eval()
     base_dir = tmp_path_factory.mktemp(f"{name}-base")
-    hf.save_pretrained(base_dir)
+    hf = save_hf(make(), base_dir, auto, attn_implementation="eager")
     pm = peft.get_peft_model(hf, peft.LoraConfig(init_lora_weights=False, **kwargs)).eval()
     with torch.no_grad():  # N(0, 1) embedding adapters make logits ~100: keep them moderate
         for n, p in pm.named_parameters():
