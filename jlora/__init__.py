@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 def __getattr__(name):  # lazy sub-packages: jlora.hf, jlora.models, jlora.train, jlora.checkpoint
     import importlib
 
-    if name in ("hf", "models", "train", "checkpoint", "cli"):
+    if name in ("hf", "models", "train", "checkpoint"):
         return importlib.import_module(f"jlora.{name}")
     raise AttributeError(f"module 'jlora' has no attribute {name!r}")
 
