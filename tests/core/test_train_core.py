@@ -202,3 +202,32 @@ def test_compiled_cost_of_lora_step_vs_full_fine_tuning():
     full_mem = full_c.memory_analysis()
     assert persistent < 0.5 * (full_mem.argument_size_in_bytes + full_mem.output_size_in_bytes
                                - full_mem.alias_size_in_bytes)
+
+
+class Boxed(nn.Module):
+    """Kernels carry logical axis names (nn.with_partitioning): params are Partitioned boxes."""
+
+    @nn.compact
+    def __call__(self, x):
+        init = lambda names: nn.with_partitioning(nn.initializers.lecun_normal(), names)  # noqa: E731
+        x = nn.Dense(16, kernel_init=init(("embed", "mlp")), name="q")(x)
+        return nn.Dense(4, kernel_init=init(("mlp", "embed")), name="o")(x)
+
+
+def test_boxed_params_run_merge_and_train():
+    m, x = Boxed(), jnp.ones((2, 8))
+    v = m.init(jax.random.key(0), x)
+    p = jlora.inject(v, jlora.LoraConfig(rank=2, targets=["q", "o"], init="random"), jax.random.key(1))
+    y = jlora.lora(m.apply, on_unconsumed="raise")(p, x)
+    assert np.abs(np.asarray(y - m.apply(v, x))).max() > 1e-2
+    np.testing.assert_allclose(m.apply(jlora.merge(p), x), y, rtol=1e-5, atol=1e-6)
+    assert isinstance(jlora.merge(p)["params"]["q"]["kernel"], nn.Partitioned)
+    tx = jlora.optimizer(optax.adam(1e-2), p)
+    st = tx.init(p)
+    g = jax.grad(lambda q: jnp.sum(jlora.lora(m.apply)(q, x) ** 2))(p)
+    u, st = tx.update(g, st, p)
+    new = optax.apply_updates(p, u)
+    q0, q1 = p["params"]["q"], new["params"]["q"]
+    np.testing.assert_array_equal(q0["kernel"].unbox(), q1["kernel"].unbox())
+    assert not np.array_equal(q0["kernel_lora_a"].unbox(), q1["kernel_lora_a"].unbox())
+    assert q1["kernel_lora_b"].names == (None, "mlp")
