@@ -13,29 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from jlora import paths as P
 from jlora.errors import HFError
 from jlora.hf.io import LazyTensor, atomic_dir, hf_layout_shape, write_weights
 from jlora.hf.load import param_shapes
+from jlora.merge import fold_modules
 from jlora.models import arch_spec
 
-_LORA_MARK = "_lora_"
 _MAX_LISTED = 10
 
 
-def _strip_adapters(variables: Any) -> Any:
-    """Folds adapters into their kernels (``jlora.merge(..., unload=True)``) if any remain."""
-    leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
-    if not any(_LORA_MARK in str(getattr(k[-1], "key", "")) for k, _ in leaves):
-        return variables
-    from jlora.merge import merge
-
-    return merge(variables, unload=True)
-
-
 def _hf_dtype_name(dtype: np.dtype) -> str:
-    return {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}.get(
-        np.dtype(dtype).name, "float32"
-    )
+    name = np.dtype(dtype).name
+    return name if name in ("float32", "float16", "bfloat16") else "float32"
 
 
 def save_merged(
@@ -73,18 +63,13 @@ def save_merged(
         that cannot be merged.
     """
     spec = arch_spec(hf_config["model_type"])
-    variables = meta.unbox(params)
-    variables = (
-        variables
-        if isinstance(variables, Mapping) and "params" in variables
-        else {"params": variables}
-    )
-    tree = _strip_adapters(variables)["params"]
+    # merge(..., unload=True) without its no-adapters error: a base tree passes unchanged
+    tree = fold_modules(P.params_of(meta.unbox(params)), into=True, unload=True)
     flat = {
         tuple(str(k.key) for k in keypath): leaf
         for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
-    leftover = [".".join(p) for p in flat if any(_LORA_MARK in k for k in p)]
+    leftover = [".".join(p) for p in flat if any(P.is_adapter_name(k) for k in p)]
     if leftover:
         raise HFError(f"adapter leaves remain after merging: {leftover[:_MAX_LISTED]}")
     shapes = param_shapes(model, spec, hf_config)

@@ -36,6 +36,7 @@ from jlora.hf.peft_layout import (
 )
 from jlora.hf.peft_load import load_peft
 from jlora.inject import plan
+from jlora.models import arch_spec
 
 # task_type per transformers Auto class of jlora's models.
 _TASK_TYPES = {"AutoModelForCausalLM": "CAUSAL_LM", "AutoModel": "FEATURE_EXTRACTION"}
@@ -48,7 +49,6 @@ class _Adapter:
     a: Any
     b: Any
     scale: Any
-
 
 
 def _adapters(tree: Any) -> list[_Adapter]:
@@ -76,11 +76,8 @@ def _strip_adapters(tree: Any) -> Any:
 def _spec(model_type: str | None, hf_config: Mapping[str, Any] | None):
     if model_type is None and hf_config is not None:
         model_type = hf_config.get("model_type")
-    if model_type is None:
-        return None
-    from jlora.models import arch_spec
+    return None if model_type is None else arch_spec(model_type)
 
-    return arch_spec(model_type)
 
 def save_peft(
     params: Any,
@@ -195,8 +192,8 @@ def save_peft(
             rank_pattern[TIED_HEAD] = rank
         if config.alpha_for(TIED_HEAD) != alpha:
             alpha_pattern[TIED_HEAD] = alpha
-        extra["rank_pattern"] = rank_pattern
-        extra["alpha_pattern"] = {k: _num(v) for k, v in alpha_pattern.items()}
+        # written by to_peft below; the targets (all that config is used for next) stay
+        config = dataclasses.replace(config, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     targets: Any = config.targets
     if targets == P.ALL_LINEAR or (tied and config.matches("lm_head")):
         # PEFT resolves "all-linear" to module paths itself; and on a tied model PEFT would
@@ -218,10 +215,6 @@ def save_peft(
         write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return Path(path)
-
-
-def _num(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else x
 
 
 def _tied_head(tree: Any, spec: Any, hf_config: Mapping[str, Any] | None) -> bool:
