@@ -1,6 +1,7 @@
 """jlora.hf.load on checkpoint variants: default tying, prefixes, optional tensors, memory."""
 
 import logging
+import shutil
 import tracemalloc
 
 import jax
@@ -195,20 +196,24 @@ def test_bert_sequence_classification_checkpoint_matches_automodel(tmp_path, cap
     assert np.abs(np.asarray(out.pooler_output) - ref.pooler_output.numpy()).max() <= 1e-4
 
 
-def _copy_checkpoint(src, dst, fn):
-    dst.mkdir()
-    (dst / "config.json").write_text((src / "config.json").read_text())
-    write_safetensors(dst / SINGLE_FILE, fn(dict(iter_tensors(src))))
-    return dst
+@pytest.fixture
+def edited(masked_lm, tmp_path, rewrite_weights):
+    """``edited(name, fn)``: a copy of ``masked_lm`` whose tensors are ``fn(its tensors)``."""
+
+    def edit(name, fn):
+        rewrite_weights(shutil.copytree(masked_lm, tmp_path / name), fn)
+        return tmp_path / name
+
+    return edit
 
 
-def test_prefixed_errors_use_canonical_names(masked_lm, tmp_path):
+def test_prefixed_errors_use_canonical_names(edited):
     def drop_one(t):
         t.pop("bert.encoder.layer.1.output.dense.weight")
         t["bert.encoder.layer.0.extra.weight"] = np.zeros((2, 2), np.float32)
         return t
 
-    path = _copy_checkpoint(masked_lm, tmp_path / "missing", drop_one)
+    path = edited("missing", drop_one)
     with pytest.raises(HFError) as info:
         load(path)
     msg = str(info.value)
@@ -220,7 +225,7 @@ def test_prefixed_errors_use_canonical_names(masked_lm, tmp_path):
         t["encoder.layer.0.output.dense.bias"] = t["bert.encoder.layer.0.output.dense.bias"]
         return t
 
-    path = _copy_checkpoint(masked_lm, tmp_path / "twice", both_names)
+    path = edited("twice", both_names)
     with pytest.raises(HFError, match=r"tensors for the same param: .*"
                        r"'encoder.layer.0.output.dense.bias'"):  # fmt: skip
         load(path)
@@ -229,18 +234,18 @@ def test_prefixed_errors_use_canonical_names(masked_lm, tmp_path):
         t["bert.encoder.layer.0.intermediate.dense.weight"] = np.zeros((20, 16), np.float32)
         return t
 
-    path = _copy_checkpoint(masked_lm, tmp_path / "shape", bad_shape)
+    path = edited("shape", bad_shape)
     with pytest.raises(HFError, match=r"'bert.encoder.layer.0.intermediate.dense.weight' has "
                        r"shape \(20, 16\).*implies \(24, 16\)"):  # fmt: skip
         load(path)
 
 
-def test_non_optional_missing_stays_an_error_on_bert(masked_lm, tmp_path):
+def test_non_optional_missing_stays_an_error_on_bert(edited):
     def drop(t):
         t.pop("bert.embeddings.LayerNorm.weight")
         return t
 
-    path = _copy_checkpoint(masked_lm, tmp_path / "c", drop)
+    path = edited("c", drop)
     with pytest.raises(HFError, match=r"missing tensors: 'embeddings.LayerNorm.weight'$"):
         load(path)
 
