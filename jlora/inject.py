@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -108,21 +108,17 @@ class Plan:
         return "\n".join(lines)
 
 
-def _module_table(params: Any) -> tuple[dict[str, dict[str, Any]], set[str], dict[str, tuple]]:
-    """module path -> {leaf name: leaf}; every module path (containers too); raw keys."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=P.is_box)
+def _module_table(params: Any) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """module path -> {leaf name: leaf}; and every module path (containers too)."""
     leaves: dict[str, dict[str, Any]] = {}
     modules: set[str] = set()
-    raw: dict[str, tuple] = {}
-    for kp, leaf in flat:
-        path = P.keypath_to_path(kp)
+    for path, leaf in P.leaves_with_paths(params):
         module, name = P.split_path(path)
         leaves.setdefault(module, {})[name] = leaf
-        raw[module] = tuple(kp[:-1])
         parts = module.split(".") if module else []
         for i in range(1, len(parts) + 1):
             modules.add(".".join(parts[:i]))
-    return leaves, modules, raw
+    return leaves, modules
 
 
 def _is_linear(module: str, leaf_names: dict[str, Any], layout: Layout | None) -> bool:
@@ -149,11 +145,16 @@ def plan(params: Any, config: LoraConfig, *, layout: Layout | None = None) -> Pl
       >>> p.adapter_params
       192
     """
+    return _plan(P.params_of(params), config, layout)[0]
+
+
+def _plan(tree: Any, config: LoraConfig, layout: Layout | None
+          ) -> tuple[Plan, dict[str, dict[str, Any]]]:
+    """:func:`plan` of a bare params tree, with the module table it read (for inject)."""
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"config must be a jlora.LoraConfig, got {type(config).__name__}; "
                           "build one with jlora.LoraConfig(rank=..., targets=[...]).")
-    tree = P.params_of(params)
-    leaves, modules, _ = _module_table(tree)
+    leaves, modules = _module_table(tree)
     adapted = sorted(f"{m}.{n}" if m else n for m, ls in leaves.items() for n in ls
                      if P.is_adapter_name(n))
     if adapted:
@@ -210,7 +211,7 @@ def plan(params: Any, config: LoraConfig, *, layout: Layout | None = None) -> Pl
             raise ConfigError(f"init={config.init!r} decomposes kernels, but {emb[0]!r} is an "
                               "embedding; exclude embeddings or use init='default'.")
     base = sum(int(np.size(P.unbox(x))) for ls in leaves.values() for x in ls.values())
-    return Plan(tuple(entries), base)
+    return Plan(tuple(entries), base), leaves
 
 
 def _entry(config, module, param, shape, leaf, layout) -> PlanEntry:
@@ -357,11 +358,10 @@ def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | 
       (['kernel', 'kernel_lora_a', 'kernel_lora_b', 'kernel_lora_scale'], (4, 2))
     """
     _check_key(key)
-    p = plan(params, config, layout=layout)
     tree = P.params_of(params)
-    leaves, _, raw = _module_table(tree)
+    p, leaves = _plan(tree, config, layout)
     keys = jax.random.split(key, len(p.entries))
-    additions: dict[tuple, dict[str, Any]] = {}
+    additions: dict[str, dict[str, Any]] = {}
     for k, e in zip(keys, p.entries):
         leaf = leaves[e.module][e.param]
         kernel = P.unbox(leaf)
@@ -374,25 +374,18 @@ def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | 
         }
         if residual is not None:
             new[e.param] = _like(leaf, residual, list(range(len(e.shape))))
-        additions[raw[e.module]] = new
-    return P.with_params(params, _insert(tree, additions))
+        additions[e.module] = new
+    done: set[str] = set()
 
+    def add(module, ls):
+        new = additions.get(module)
+        if new is None:
+            return ls
+        done.add(module)
+        return {**ls, **new}
 
-def _insert(tree: Any, additions: Mapping[tuple, Mapping[str, Any]]) -> Any:
-    """A copy of a nested-mapping tree with leaves added/replaced at the given module keys."""
-    by_first: dict[Any, dict[tuple, Mapping[str, Any]]] = {}
-    here: dict[str, Any] = {}
-    for keys, new in additions.items():
-        if not keys:
-            here.update(new)
-        else:
-            by_first.setdefault(keys[0], {})[keys[1:]] = new
-    if not isinstance(tree, Mapping):
-        raise ConfigError(f"cannot add adapters inside a {type(tree).__name__} node: jlora "
-                          "expects params as nested dicts, as linen makes them.")
-    out = dict(tree)
-    for k, sub in by_first.items():
-        name = k.key if isinstance(k, jax.tree_util.DictKey) else k
-        out[name] = _insert(tree[name], sub)
-    out.update(here)
-    return type(tree)(out) if not isinstance(tree, dict) else out
+    out = P.map_modules(tree, add)
+    if done != set(additions):
+        raise ConfigError(f"cannot add adapters to {sorted(set(additions) - done)[0]!r}: jlora "
+                          "expects params as nested dicts (mappings), as linen makes them.")
+    return P.with_params(params, out)

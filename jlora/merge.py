@@ -13,7 +13,6 @@ from typing import Any
 import jax.numpy as jnp
 
 from jlora import paths as P
-from jlora.errors import NotInjectedError
 
 
 def delta_w(a: Any, b: Any, scale: Any, dtype: Any = None) -> Any:
@@ -36,12 +35,6 @@ def _fold(leaves: dict[str, Any], param: str, sign: float) -> Any:
     d = delta_w(leaves[param + P.A_SUFFIX], leaves[param + P.B_SUFFIX], state)
     new = (w.astype(jnp.promote_types(w.dtype, d.dtype)) + sign * d).astype(w.dtype)
     return kernel.replace_boxed(new) if P.is_box(kernel) else new
-
-
-def _require_adapters(tree: Any, what: str) -> None:
-    if not any(P.is_adapter_name(P.split_path(p)[1]) for p, _ in P.leaves_with_paths(tree)):
-        raise NotInjectedError(f"{what}: this tree holds no LoRA adapters; call "
-                               "jlora.inject(params, config, key) first.")
 
 
 def fold_modules(tree: Any, *, into: bool, unload: bool = False,
@@ -90,7 +83,7 @@ def merge(params: Any, *, unload: bool = False) -> Any:
       ['kernel']
     """
     tree = P.params_of(params)
-    _require_adapters(tree, "merge")
+    P.require_adapters(tree, "merge")
     return P.with_params(params, fold_modules(tree, into=True, unload=unload))
 
 
@@ -107,7 +100,7 @@ def unmerge(params: Any) -> Any:
       True
     """
     tree = P.params_of(params)
-    _require_adapters(tree, "unmerge")
+    P.require_adapters(tree, "unmerge")
     return P.with_params(params, fold_modules(tree, into=False))
 
 
@@ -123,7 +116,7 @@ def delta(params: Any) -> dict[str, Any]:
       {'q.kernel': (4, 6)}
     """
     tree = P.params_of(params)
-    _require_adapters(tree, "delta")
+    P.require_adapters(tree, "delta")
     out: dict[str, Any] = {}
 
     def fn(module, leaves):

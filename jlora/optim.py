@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from jlora import paths as P
-from jlora.errors import ConfigError, NotInjectedError
+from jlora.errors import ConfigError
 
 TRAINABLE = "trainable"
 TRAINABLE_B = "trainable_b"
@@ -86,13 +86,6 @@ def combine(trainable: Any, frozen: Any) -> Any:
                         is_leaf=lambda x: x is None or P.is_box(x))
 
 
-def _require_adapters(params: Any) -> None:
-    tree = P.params_of(params)
-    if not any(P.is_trainable_name(p.rsplit(".", 1)[-1]) for p, _ in P.leaves_with_paths(tree)):
-        raise NotInjectedError("this tree holds no LoRA adapters to train; call "
-                               "jlora.inject(params, config, key) first.")
-
-
 def optimizer(tx: optax.GradientTransformation, params: Any, *,
               lora_plus_ratio: float | None = None) -> optax.GradientTransformation:
     """``optax.partition`` of ``tx`` over the adapters; frozen leaves get zero updates and
@@ -121,7 +114,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any, *,
       >>> float(abs(u["kernel"]).max()), round(float(u["kernel_lora_a"][0, 0]), 6)
       (0.0, -0.001)
     """
-    _require_adapters(params)
+    P.require_adapters(P.params_of(params), "optimizer")
     transforms = {TRAINABLE: tx, FROZEN: optax.set_to_zero()}
     if lora_plus_ratio is not None:
         if isinstance(lora_plus_ratio, bool) or not isinstance(lora_plus_ratio, int | float) \

@@ -105,6 +105,15 @@ def is_trainable_name(name: str) -> bool:
     return name.endswith(TRAINABLE_SUFFIXES)
 
 
+def require_adapters(tree: Any, what: str) -> None:
+    """Raises :class:`~jlora.errors.NotInjectedError` unless a bare params tree holds adapters."""
+    if not any(is_trainable_name(split_path(p)[1]) for p, _ in leaves_with_paths(tree)):
+        from jlora.errors import NotInjectedError
+
+        raise NotInjectedError(f"{what}: this tree holds no LoRA adapters; call "
+                               "jlora.inject(params, config, key) first.")
+
+
 def base_name(name: str) -> str:
     """``'kernel_lora_a'`` -> ``'kernel'``."""
     return name.split(LORA_MARK, 1)[0]
