@@ -59,12 +59,6 @@ class Shardings(NamedTuple):
     batch: NamedSharding
 
 
-def _split_like(mask: Any, tree: Any) -> Any:
-    """``tree``'s leaves where ``mask`` holds one, None elsewhere (mask has None holes)."""
-    return jax.tree.map(lambda m, t: None if m is None else t, mask, tree,
-                        is_leaf=lambda x: x is None)
-
-
 def _opt_shardings(tx: optax.GradientTransformation, trainable: Any, param_sh: Any,
                    replicated: NamedSharding) -> Any:
     abstract = jax.eval_shape(tx.init, trainable)
@@ -128,9 +122,7 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
     if not jax.tree.leaves(trainable):
         raise NotInjectedError("params hold no LoRA adapters to train; call "
                                "jlora.inject(params, config, key) first.")
-    specs = M.param_specs(params, mesh, rules)
-    param_sh = _split_like(trainable, M.named(mesh, specs))
-    frozen_sh = _split_like(frozen, M.named(mesh, specs))
+    param_sh, frozen_sh = split(M.named(mesh, M.param_specs(params, mesh, rules)))
     replicated = NamedSharding(mesh, PS())
     trainable = M.put(to_fp32(trainable), param_sh)
     frozen = M.put(precision.cast_frozen(frozen), frozen_sh)
