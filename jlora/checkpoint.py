@@ -18,13 +18,13 @@ import json
 import os
 from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jlora import paths as P
 from jlora.config import LoraConfig
 from jlora.errors import CheckpointError, ConfigError
+from jlora.train.state import abstract
 
 _FORMAT = "jlora-train-1"
 
@@ -111,7 +111,9 @@ class Checkpointer:
     def metadata(self, step: int | None = None) -> dict[str, Any]:
         """The JSON metadata of a step: ``lora_config``, ``data_position``, ``adapters``
         (path -> shape), ``model_id``, ``step``."""
-        step = self._resolve(step)
+        return self._read_meta(self._resolve(step))
+
+    def _read_meta(self, step: int) -> dict[str, Any]:
         out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
@@ -160,7 +162,7 @@ class Checkpointer:
             model_id or adapter set (the message names the mismatch).
         """
         step = self._resolve(step)
-        meta = self.metadata(step)
+        meta = self._read_meta(step)
         if meta.get("format") != _FORMAT:
             raise CheckpointError(f"{self.directory}/{step} is not a jlora training checkpoint "
                                   f"(format {meta.get('format')!r}, expected {_FORMAT!r}).")
@@ -178,10 +180,8 @@ class Checkpointer:
             more = f" (and {len(diff) - 5} more)" if len(diff) > 5 else ""
             raise CheckpointError(f"checkpoint {self.directory}/{step} holds adapters for a "
                                   f"different model: {'; '.join(diff[:5])}{more}.")
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
         out = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(target))))
         return out["state"], int(meta["data_position"])
 
     def _resolve(self, step: int | None) -> int:
