@@ -82,6 +82,29 @@ def softmax_attend(scores, v, mask, dropout: Callable):
     return jnp.einsum("bhqk,bkhd->bqhd", w, v)
 
 
+def cache_slots(input_ids, attention_mask, cache):
+    """Where ``input_ids`` (b, t) sit among the keys, by the contract of :mod:`.generate`.
+
+    Returns ``(index, key_valid, q_slots, k_slots)``: the first slot the tokens fill (0
+    without a cache); bool (b, keys) of real keys (``attention_mask`` of the new tokens,
+    default ones, written into the cache's ``mask``); the query slots ``index + arange(t)``;
+    the key slots ``arange(keys)``. A query attends to valid keys at slots ``<=`` its own.
+
+    Example:
+      >>> cache = {"index": jnp.asarray(2), "mask": jnp.asarray([[True, False, False]])}
+      >>> index, valid, q, k = cache_slots(jnp.zeros((1, 1), int), None, cache)
+      >>> valid.tolist(), q.tolist(), k.tolist()
+      ([[True, False, True]], [2], [0, 1, 2])
+    """
+    b, t = input_ids.shape
+    new = jnp.ones((b, t), bool) if attention_mask is None else attention_mask > 0
+    if cache is None:
+        return jnp.zeros((), jnp.int32), new, jnp.arange(t), jnp.arange(t)
+    index = cache["index"]
+    key_valid = jax.lax.dynamic_update_slice(cache["mask"], new, (0, index))
+    return index, key_valid, index + jnp.arange(t), jnp.arange(key_valid.shape[1])
+
+
 def update_kv_cache(layer_cache: Mapping[str, Any], k, v, index, dtype):
     """Writes keys and values (b, t, heads, d) at slot ``index`` of a layer's cache.
 

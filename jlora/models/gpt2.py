@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -205,6 +204,7 @@ class GPT2LMHeadModel(nn.Module):
       deterministic: ``False`` turns dropout on (needs a ``'dropout'`` rng).
 
     Example:
+      >>> import jax
       >>> cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)
       >>> model = GPT2LMHeadModel(cfg)
       >>> ids = jnp.zeros((1, 4), jnp.int32)
@@ -253,20 +253,11 @@ class GPT2LMHeadModel(nn.Module):
     ):
         cfg = self.config
         b, t = input_ids.shape
-        index = None if cache is None else cache["index"]
-        offset = 0 if index is None else index
+        index, key_valid, q_slots, k_slots = common.cache_slots(input_ids, attention_mask, cache)
         if position_ids is None:
-            position_ids = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
-        if cache is None:
-            key_valid = None if attention_mask is None else attention_mask > 0
-        else:
-            new = jnp.ones((b, t), bool) if attention_mask is None else attention_mask > 0
-            key_valid = jax.lax.dynamic_update_slice(cache["mask"], new, (0, index))
-        kv_len = t if cache is None else cache["mask"].shape[1]
-        q_pos = offset + jnp.arange(t)
-        mask = (q_pos[:, None] >= jnp.arange(kv_len)[None, :])[None, None]  # causal
-        if key_valid is not None:
-            mask = mask & key_valid[:, None, None, :]
+            position_ids = jnp.broadcast_to(q_slots, (b, t))
+        causal = (q_slots[:, None] >= k_slots[None, :])[None, None]
+        mask = causal & key_valid[:, None, None, :]
         trunk = GPT2Model(cfg, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer")
         layers = None if cache is None else cache["layers"]
         x, wte, new_layers = trunk(input_ids, mask, position_ids, deterministic, layers, index)
@@ -312,12 +303,9 @@ def _hf_to_params(name: str, array: np.ndarray) -> tuple[ParamPath, np.ndarray] 
 
 def _params_to_hf(path: ParamPath, array: np.ndarray) -> list[tuple[str, np.ndarray]]:
     *module, leaf = path
-    if tuple(module) == ("lm_head",):
-        return [("lm_head.weight", np.ascontiguousarray(np.asarray(array).T))]
-    if leaf not in ("kernel", "embedding", "scale", "bias"):
-        raise HFError(f"GPT-2 has no HF tensor for param {'.'.join(path)!r}; merge adapters first.")
-    suffix = "bias" if leaf == "bias" else "weight"
-    return [(".".join((*module, suffix)), array)]
+    if leaf == "kernel" and module != ["lm_head"]:  # Conv1D: (in, out), no transpose
+        return [(".".join((*module, "weight")), array)]
+    return common.linear_params_to_hf("GPT-2", path, array)
 
 
 def _expected_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:

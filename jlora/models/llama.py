@@ -51,6 +51,9 @@ class DecoderConfig:
     sliding_windows: tuple[int | None, ...] | None = None
     initializer_range: float = 0.02
 
+    def __post_init__(self):
+        common.check_activation("Llama-family", self, "hidden_act", _ACTIVATIONS)
+
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> DecoderConfig:
         """Reads a transformers config.json dict (llama, mistral or qwen2)."""
@@ -62,9 +65,6 @@ class DecoderConfig:
             raise HFError(
                 f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
             )
-        act = hf.get("hidden_act", "silu")
-        if act not in _ACTIVATIONS:
-            raise HFError(f"hidden_act {act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
         n = hf["num_hidden_layers"]
         window, layer_types = hf.get("sliding_window"), hf.get("layer_types")
         if hf.get("use_sliding_window") is False:  # qwen2 keeps a sliding_window it ignores
@@ -91,7 +91,7 @@ class DecoderConfig:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            hidden_act=act,
+            hidden_act=hf.get("hidden_act", "silu"),
             sliding_windows=windows if any(w is not None for w in windows) else None,
             initializer_range=hf.get("initializer_range", 0.02),
         )
@@ -245,20 +245,10 @@ class LlamaModel(nn.Module):
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), bool)
-        attention_mask = attention_mask.astype(bool)
-        if cache is None:
-            index = jnp.zeros((), jnp.int32)
-            q_slots = k_slots = jnp.arange(t)
-            key_valid, layers_cache = attention_mask, None
-        else:
-            index = cache["index"]
-            key_valid = jax.lax.dynamic_update_slice(cache["mask"], attention_mask, (0, index))
-            q_slots, k_slots = index + jnp.arange(t), jnp.arange(key_valid.shape[1])
-            layers_cache = cache["layers"]
+        index, key_valid, q_slots, k_slots = common.cache_slots(input_ids, attention_mask, cache)
+        layers_cache = None if cache is None else cache["layers"]
         if position_ids is None:
-            position_ids = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+            position_ids = jnp.broadcast_to(q_slots, (b, t))
         inv_freq = jnp.asarray(self.config.rope_inv_freq, jnp.float32)
         freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq
         emb = jnp.concatenate([freqs, freqs], axis=-1)
