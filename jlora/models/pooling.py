@@ -8,11 +8,13 @@ padding its batch has.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jlora.paths import is_variables
 
 __all__ = ["mean_pool", "normalize", "sentence_embeddings"]
 
@@ -100,7 +102,7 @@ def sentence_embeddings(
       >>> emb.shape, bool(jnp.allclose(jnp.linalg.norm(emb, axis=-1), 1.0))
       ((2, 8), True)
     """
-    variables = params if isinstance(params, Mapping) and "params" in params else {"params": params}
+    variables = params if is_variables(params) else {"params": params}
     fn = model.apply if apply_fn is None else apply_fn
     out = fn(variables, input_ids, attention_mask, token_type_ids)
     hidden = getattr(out, "last_hidden_state", out)
