@@ -252,7 +252,7 @@ def _entry(config, module, param, shape, leaf, layout) -> PlanEntry:
                      dtype)
 
 
-def _check_key(key: Any) -> None:
+def check_key(key: Any) -> None:
     ok = isinstance(key, jax.Array | np.ndarray) and (
         jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
         or (key.dtype == jnp.uint32 and key.shape[-1:] == (2,) and key.ndim == 1))
@@ -357,7 +357,7 @@ def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | 
       >>> sorted(out["params"]["q"]), out["params"]["q"]["kernel_lora_a"].shape
       (['kernel', 'kernel_lora_a', 'kernel_lora_b', 'kernel_lora_scale'], (4, 2))
     """
-    _check_key(key)
+    check_key(key)
     tree = P.params_of(params)
     p, leaves = _plan(tree, config, layout)
     keys = jax.random.split(key, len(p.entries))

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from jlora import paths as P
-from jlora.errors import KeyTypeError, NotInjectedError
+from jlora.inject import check_key
 from jlora.optim import split
 from jlora.train import mesh as M
 from jlora.train.precision import Precision, to_fp32
@@ -102,6 +102,7 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
     Raises:
       MeshError: a rule naming an axis the mesh lacks.
       NotInjectedError: ``params`` holds no adapters.
+      KeyTypeError: ``key`` is not a JAX PRNG key.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, jlora
@@ -111,17 +112,12 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
       >>> int(state.step), state.params["q"]["kernel_lora_a"].shape, frozen["q"]["kernel"].shape
       (0, (8, 2), (8, 4))
     """
-    if not (isinstance(key, jax.Array) and (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-                                            or key.dtype == jnp.uint32)):
-        raise KeyTypeError(f"key must be a JAX PRNG key (jax.random.key(0)), got "
-                           f"{type(key).__name__}.")
+    check_key(key)
     mesh = mesh or M.single_device_mesh()
     precision = precision or Precision()
     params = jax.tree.map(P.unbox, params, is_leaf=P.is_box)
+    P.require_adapters(P.params_of(params), "jlora.train.init")
     trainable, frozen = split(params)
-    if not jax.tree.leaves(trainable):
-        raise NotInjectedError("params hold no LoRA adapters to train; call "
-                               "jlora.inject(params, config, key) first.")
     param_sh, frozen_sh = split(M.named(mesh, M.param_specs(params, mesh, rules)))
     replicated = NamedSharding(mesh, PS())
     trainable = M.put(to_fp32(trainable), param_sh)

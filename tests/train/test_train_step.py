@@ -119,3 +119,16 @@ def test_nonfinite_steps_are_skipped_then_stop():
     with pytest.raises(TrainingError, match=r"3 train steps in a row.*non-finite"):
         step(state, frozen, batch(3, np.nan))
     assert step.trace_count == 1
+
+
+def test_init_rejects_a_tree_without_adapters_and_a_bad_key():
+    import jax.numpy as jnp
+
+    from jlora.errors import KeyTypeError, NotInjectedError
+
+    base = {"q": {"kernel": jnp.ones((8, 4))}}
+    with pytest.raises(NotInjectedError, match="inject"):
+        T.init(base, optax.sgd(0.1), jax.random.key(0))
+    p = jlora.inject(base, jlora.LoraConfig(rank=2, targets=["q"]), jax.random.key(0))
+    with pytest.raises(KeyTypeError, match=r"jax.random.key\(0\)"):
+        T.init(p, optax.sgd(0.1), 0)
