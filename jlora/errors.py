@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointError",
     "MeshError",
     "TrainingError",
+    "DataError",
 ]
 
 
@@ -83,3 +84,7 @@ class MeshError(JloraError, ValueError):
 
 class TrainingError(JloraError, RuntimeError):
     """Training cannot go on (for example too many non-finite steps in a row)."""
+
+
+class DataError(JloraError, ValueError):
+    """Training or evaluation data is missing, empty, or lacks a field it needs."""
