@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import tyro
 
@@ -236,7 +236,7 @@ class Plan:
 class Export:
     """Export a finetune run's checkpoint as a PEFT adapter and/or a merged model."""
 
-    run: tyro.conf.Positional[str]
+    run: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN")]
     """The run directory of `jlora finetune` (it holds config.yaml and checkpoints/)."""
     adapter: str | None = None
     """Write the PEFT adapter here."""
@@ -320,7 +320,7 @@ class Embed:
 class Info:
     """Describe a directory: a finetune run, a PEFT adapter or a transformers model."""
 
-    path: tyro.conf.Positional[str]
+    path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
     """The directory."""
 
 

@@ -343,7 +343,8 @@ def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
                                                                 multiple=multiple))
         pending.append((i, m, tokens, time.perf_counter()))
         drain(keep=1)  # read the previous step's metrics while this one runs
-        ckpt.save(i, s.state, data_position=it.position, force=i == total)
+        if i % cfg.train.save_every == 0 or i == total:
+            ckpt.save(i, s.state, data_position=it.position, force=True)
         ran += 1
         due = evaluate is not None and (i == total or (cfg.train.eval_every
                                                        and i % cfg.train.eval_every == 0))
