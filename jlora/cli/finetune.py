@@ -226,7 +226,7 @@ def finetune(cfg: Finetune, *, progress: bool = True, log: Callable[[str], None]
     if writer:
         plot_curves(out, read_metrics(out), cfg.task)
     summary_line = f"loss {result['loss_first']:.4f} -> {result['loss_last']:.4f} in " \
-                   f"{result['train_seconds']:.1f}s"
+                   f"{result['train_seconds']:.1f}s of training"
     if first_eval is not None or evals:
         start = evals[0]
         if best is not None:
@@ -315,6 +315,7 @@ def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
     window_tokens, window_t = 0, time.perf_counter()
     stopped = "done"
     ran = 0
+    eval_seconds = 0.0
 
     def drain(keep: int = 0):
         nonlocal window_tokens, window_t
@@ -350,7 +351,9 @@ def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
                                                        and i % cfg.train.eval_every == 0))
         if due:
             drain()
+            t_eval = time.perf_counter()
             e = {"step": i, **evaluate(s.state.params, s.frozen)}
+            eval_seconds += time.perf_counter() - t_eval
             evals.append(e)
             _record(out, history, e, writer)
             bar.write(_fmt_eval(f"at step {i}", e))
@@ -377,7 +380,8 @@ def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
     first = losses[0] if losses else float("nan")
     last = float(np.mean(losses[-max(1, min(5, len(losses))):])) if losses else float("nan")
     return {"steps": it.position, "stopped": stopped, "loss_first": first, "loss_last": last,
-            "losses": losses, "train_seconds": time.perf_counter() - t_start, "best": best,
+            "losses": losses, "train_seconds": time.perf_counter() - t_start - eval_seconds,
+            "eval_seconds": eval_seconds, "best": best,
             "best_params": best_params}
 
 
