@@ -33,6 +33,7 @@ from jlora.cli.runfiles import (
     plot_curves,
     read_metrics,
     write_run_config,
+    write_summary,
 )
 from jlora.config import LoraConfig
 from jlora.errors import ConfigError
@@ -235,7 +236,10 @@ def finetune(cfg: Finetune, *, progress: bool = True, log: Callable[[str], None]
     log(f"wrote {adapter_dir}" + (f", {out / 'merged'}" if cfg.merged else "")
         + f", {out / 'metrics.jsonl'} and {out / 'curves.png'}")
     result.pop("best_params", None)
-    return {**result, "evals": evals, "adapter": str(adapter_dir)}
+    result = {**result, "evals": evals, "adapter": str(adapter_dir)}
+    if writer:
+        write_summary(out, result)
+    return result
 
 
 def _save_adapter(s: Session, trainable: Any, out: Path) -> None:

@@ -21,6 +21,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 CHECKPOINTS = "checkpoints"
+SUMMARY_FILE = "summary.json"
 
 # Fields a resumed run may change: they do not alter the batches or the updates it replays.
 RESUMABLE_CHANGES = frozenset({
@@ -103,6 +104,13 @@ def check_resumable(out: Path, cfg: Finetune) -> Finetune | None:
                           + "; ".join(diff) + ". Resume with the run's options (see its "
                           f"{CONFIG_FILE}), or start a new run.")
     return saved
+
+
+def write_summary(out: Path, result: dict[str, Any]) -> Path:
+    """``summary.json``: what the run did (steps, losses, evaluations, best, seconds)."""
+    keep = {k: v for k, v in result.items() if k != "losses"}
+    _write_atomic(out / SUMMARY_FILE, json.dumps(keep, indent=2, default=float) + "\n")
+    return out / SUMMARY_FILE
 
 
 def read_metrics(out: Path, upto: int | None = None) -> list[dict[str, Any]]:
