@@ -68,6 +68,7 @@ _HINTS = {
     "invalid JSON in header": "its JSON header does not parse or holds a wrong field",
     "invalid offset": "tensor data_offsets that overlap, leave a gap or are out of order",
     "not fully covered": "its size does not match its header (cut short, or bytes appended)",
+    "invalid shape, data type, or offset": "a byte range that does not fit its shape and dtype",
 }
 _FIX = "the download or the write was probably interrupted: fetch or export it again"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -176,7 +177,10 @@ def _get(f: Any, info: TensorInfo) -> np.ndarray:
         if data.size != info.end - info.start:
             raise changed
         return data.view(info.dtype.newbyteorder("<")).reshape(info.shape)
-    array = f.get_tensor(info.name)  # a copy out of the memory map
+    try:
+        array = f.get_tensor(info.name)  # a copy out of the memory map
+    except SafetensorError:
+        raise changed from None  # the file no longer holds the tensor
     if array.dtype != info.dtype or array.shape != info.shape:
         raise changed
     return array
