@@ -284,17 +284,32 @@ def write_safetensors(
 ) -> int:
     """Writes one safetensors file; returns its data size in bytes.
 
+    Hand-written because the library's writer (``serialize_file``) takes a raw pointer to
+    every tensor of the file in one call, so all of them must be in memory together; here a
+    :class:`LazyTensor` is produced only when its bytes are written, one at a time
+    (test_library_writer_holds_every_tensor_ours_holds_one shows it). The written header is
+    read back by the library before returning.
+
     Args:
       file: the file to create.
       tensors: name -> array (numpy, jax) or :class:`LazyTensor`, written in this order.
       metadata: string metadata; defaults to ``{"format": "pt"}`` (what transformers wants).
+
+    Raises:
+      HFError: a dtype safetensors cannot store, metadata that is not str -> str, a tensor
+        named ``__metadata__``, or a LazyTensor whose data differs from its declared shape.
     """
-    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    metadata = dict(metadata or {"format": "pt"})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise HFError(f"safetensors metadata must map str to str, got {metadata!r}")
+    header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, t in tensors.items():
         dtype = np.dtype(t.dtype)
         if dtype not in _CODES:
             raise HFError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        if name in header or not isinstance(name, str):
+            raise HFError(f"{name!r} cannot name a tensor in a safetensors file")
         nbytes = math.prod(t.shape) * dtype.itemsize
         header[name] = {"dtype": _CODES[dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + nbytes]}  # fmt: skip
@@ -316,6 +331,7 @@ def write_safetensors(
             del array
         f.flush()
         os.fsync(f.fileno())
+    read_header(file)
     return offset
 
 
