@@ -70,7 +70,7 @@ _HINTS = {
     "not fully covered": "its size does not match its header (cut short, or bytes appended)",
     "invalid shape, data type, or offset": "a byte range that does not fit its shape and dtype",
 }
-_FIX = "the download or the write was probably interrupted: fetch or export it again"
+_FIX = "fetch or export it again (an interrupted download or write leaves such files)"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
