@@ -164,32 +164,32 @@ def read_header(file: str | os.PathLike) -> dict[str, TensorInfo]:
         return _infos(f, file)
 
 
-def _get(f: Any, info: TensorInfo) -> np.ndarray:
-    """One tensor's data from an opened file, checked against the header read earlier."""
+def read_tensor(info: TensorInfo) -> np.ndarray:
+    """The data of one tensor as a numpy array (its own copy, not a view of the file).
+
+    Raises:
+      HFError: the file is no longer readable, or changed since ``info`` was read.
+    """
     changed = HFError(
         f"safetensors file {str(info.file)!r} changed since its header was read (tensor "
         f"{info.name!r}); load it again"
     )
-    if info.dtype in _NOT_BY_LIBRARY:
-        if _infos(f, info.file).get(info.name) != info:
-            raise changed
-        data = np.fromfile(info.file, np.uint8, count=info.end - info.start, offset=info.start)
-        if data.size != info.end - info.start:
-            raise changed
-        return data.view(info.dtype.newbyteorder("<")).reshape(info.shape)
-    try:
-        array = f.get_tensor(info.name)  # a copy out of the memory map
-    except SafetensorError:
-        raise changed from None  # the file no longer holds the tensor
+    with _opened(info.file) as f:
+        if info.dtype in _NOT_BY_LIBRARY:
+            if _infos(f, info.file).get(info.name) != info:
+                raise changed
+            size = info.end - info.start
+            data = np.fromfile(info.file, np.uint8, count=size, offset=info.start)
+            if data.size != size:
+                raise changed
+            return data.view(info.dtype.newbyteorder("<")).reshape(info.shape)
+        try:
+            array = f.get_tensor(info.name)  # a copy out of the memory map
+        except SafetensorError:
+            raise changed from None  # the file no longer holds the tensor
     if array.dtype != info.dtype or array.shape != info.shape:
         raise changed
     return array
-
-
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """The data of one tensor as a numpy array (its own copy, not a view of the file)."""
-    with _opened(info.file) as f:
-        return _get(f, info)
 
 
 def _shard(index: Path, root: Path, shard: Any) -> Path:
@@ -268,13 +268,8 @@ def checkpoint_index(path: str | os.PathLike) -> dict[str, TensorInfo]:
 
 def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
     """Yields ``(name, array)`` for each tensor of a HF model directory, one at a time."""
-    by_file: dict[Path, list[TensorInfo]] = {}
-    for info in checkpoint_index(path).values():
-        by_file.setdefault(info.file, []).append(info)
-    for file, infos in by_file.items():
-        with _opened(file) as f:
-            for info in infos:
-                yield info.name, _get(f, info)
+    for name, info in checkpoint_index(path).items():
+        yield name, read_tensor(info)
 
 
 def write_safetensors(
