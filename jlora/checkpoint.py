@@ -32,7 +32,9 @@ from jlora.config import LoraConfig
 from jlora.errors import CheckpointError, ConfigError
 from jlora.train.state import abstract
 
-_ITEMS = ("state", "meta")
+# what orbax writes at the top of a step folder (an interrupted deletion of an old step
+# leaves some of them: that folder is still a step)
+_STEP_ENTRIES = frozenset({"state", "meta", "_CHECKPOINT_METADATA", "commit_success.txt"})
 
 
 class CheckpointFallbackWarning(UserWarning):
@@ -132,7 +134,7 @@ class Checkpointer:
             path = os.path.join(self.directory, name)
             if name.isdigit() and os.path.isdir(path):
                 inside = os.listdir(path)
-                if inside and not {*_ITEMS, "_CHECKPOINT_METADATA"} & set(inside):
+                if inside and not _STEP_ENTRIES & set(inside):
                     raise CheckpointError(
                         f"{path} looks like checkpoint step {int(name)} but is not one (it "
                         f"holds {sorted(inside)[:3]}...); Checkpointer would list it and may "

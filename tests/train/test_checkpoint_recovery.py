@@ -106,6 +106,15 @@ DAMAGE = [
     ("orbax_manifest_garbage", lambda s: _write(s / "state" / "manifest.ocdbt", "garbage")),
     ("orbax_manifest_deleted", lambda s: os.remove(s / "state" / "manifest.ocdbt")),
     ("emptied_step", lambda s: [shutil.rmtree(s), os.mkdir(s)]),
+    # what a kill in the middle of orbax deleting an old step (keep=N) can leave
+    (
+        "half_deleted_step",
+        lambda s: [
+            shutil.rmtree(s / "state"),
+            shutil.rmtree(s / "meta"),
+            os.remove(s / "_CHECKPOINT_METADATA"),
+        ],
+    ),
 ]
 
 
