@@ -228,8 +228,9 @@ class Checkpointer:
              force: bool = False) -> bool:
         """Starts saving ``state`` as checkpoint ``step`` (asynchronously by default).
 
-        A step at or below the latest finalized one is not saved (returns False), except a
-        step that :meth:`restore` found unreadable: saving it again replaces it.
+        A step at or below the latest finalized one is not saved (returns False). Steps from
+        ``step`` on that :meth:`restore` or :meth:`readable_steps` found unreadable are
+        deleted first: a run that fell back to an older step replaces them as it goes on.
 
         Args:
           step: the checkpoint's step number (e.g. how many train steps ran), an int >= 0.
