@@ -15,6 +15,7 @@ __all__ = [
     "LayoutError",
     "AlreadyInjectedError",
     "NotInjectedError",
+    "IncompleteAdapterError",
     "KeyTypeError",
     "UnconsumedAdapterError",
     "HFError",
@@ -60,6 +61,11 @@ class AlreadyInjectedError(JloraError, ValueError):
 
 class NotInjectedError(JloraError, ValueError):
     """A function that needs adapters got a tree without any."""
+
+
+class IncompleteAdapterError(JloraError, ValueError):
+    """An adapter misses one of its leaves (``<param>_lora_a``, ``_lora_b``, ``_lora_scale`` or
+    ``_lora_merged``) or the param it adapts."""
 
 
 class KeyTypeError(JloraError, TypeError):

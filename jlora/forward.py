@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import string
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,18 +24,6 @@ from jlora.errors import ConfigError, UnconsumedAdapterError
 from jlora.merge import fold_modules, merge
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
-
-
-def _adapter_modules(tree: Any) -> dict[str, bool]:
-    """module path -> whether its adapter is merged already (for adapted modules)."""
-    out: dict[str, bool] = {}
-    for path, _ in P.leaves_with_paths(tree):
-        module, name = P.split_path(path)
-        if name.endswith(P.A_SUFFIX):
-            out.setdefault(module, False)
-        elif name.endswith(P.MERGED_SUFFIX):
-            out[module] = True
-    return out
 
 
 def _dropout(mod: nn.Module, x: jax.Array, rate: float) -> jax.Array:
@@ -129,7 +116,9 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
         of the params (forms ΔW, so meant for inference).
 
     Returns:
-      A function with ``fn``'s signature.
+      A function with ``fn``'s signature. It checks, once per trace, that every adapter is
+      whole and fits its kernel (:func:`jlora.paths.check_adapters`:
+      :class:`~jlora.errors.IncompleteAdapterError` or :class:`~jlora.errors.ShapeError`).
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -151,8 +140,8 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
 
     @functools.wraps(fn)
     def wrapped(variables, *args, **kwargs):
-        tree = P.params_of(variables)
-        adapters = _adapter_modules(tree)
+        # once per trace under jit: Python over the tree's paths
+        adapters = P.check_adapters(P.params_of(variables), "lora")
         if not adapters:
             return fn(variables, *args, **kwargs)
         if mode == "merge":
@@ -160,7 +149,7 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
         consumed: set[str] = set()
         with nn.intercept_methods(_interceptor(dropout, consumed)):
             out = fn(variables, *args, **kwargs)
-        missing = sorted(m for m, merged in adapters.items() if not merged and m not in consumed)
+        missing = sorted({m for (m, _), merged in adapters.items() if not merged} - consumed)
         if not missing:
             return out
         if on_unconsumed == "raise":

@@ -74,6 +74,12 @@ def merge(params: Any, *, unload: bool = False) -> Any:
     Returns:
       The same kind of tree; ``model.apply(merge(p), x) == lora(model.apply)(p, x)``.
 
+    Raises:
+      NotInjectedError: the tree holds no adapters.
+      IncompleteAdapterError: an adapter misses a leaf (so do :func:`unmerge`, :func:`delta`,
+        :func:`jlora.lora`, :func:`jlora.split`... : see :func:`jlora.paths.check_adapters`).
+      ShapeError: an adapter's A and B do not fit each other or the kernel.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from jlora import LoraConfig, inject

@@ -40,12 +40,16 @@ def labels(params: Any, *, lora_plus: bool = False) -> Any:
       {'kernel': 'frozen', 'kernel_lora_a': 'trainable', 'kernel_lora_b': 'trainable',
        'kernel_lora_scale': 'frozen'}
     """
+    return _labels(params, lora_plus=lora_plus, what="labels")
 
+
+def _labels(params: Any, *, lora_plus: bool, what: str) -> Any:
     def label(name: str) -> str:
         if lora_plus and name.endswith(P.B_SUFFIX):
             return TRAINABLE_B
         return TRAINABLE if P.is_trainable_name(name) else FROZEN
 
+    P.check_adapters(P.params_of(params), what)
     if P.is_variables(params):
         out = {k: _leaf_labels(v, lambda _: FROZEN) for k, v in params.items() if k != "params"}
         out["params"] = _leaf_labels(params["params"], label)
@@ -68,7 +72,7 @@ def split(params: Any) -> tuple[Any, Any]:
       >>> jax.tree.structure(combine(trainable, frozen)) == jax.tree.structure(p)
       True
     """
-    lab = labels(params)
+    lab = _labels(params, lora_plus=False, what="split")
     pick = lambda want: jax.tree.map(  # noqa: E731
         lambda lb, x: x if (lb != FROZEN) == want else None, lab, params)
     return pick(True), pick(False)
@@ -82,8 +86,10 @@ def combine(trainable: Any, frozen: Any) -> Any:
       >>> combine(t, f)
       {'a': 1.0, 'b': 2.0}
     """
-    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
-                        is_leaf=lambda x: x is None or P.is_box(x))
+    out = jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                       is_leaf=lambda x: x is None or P.is_box(x))
+    P.check_adapters(P.params_of(out), "combine")
+    return out
 
 
 def optimizer(tx: optax.GradientTransformation, params: Any, *,
@@ -159,6 +165,7 @@ def summary(params: Any) -> Summary:
       >>> print(summary(p))
       trainable params: 20 || all params: 44 || trainable%: 45.4545
     """
+    P.check_adapters(P.params_of(params), "summary")
     trainable = total = 0
     for path, leaf in P.leaves_with_paths(P.params_of(params)):
         name = path.rsplit(".", 1)[-1]

@@ -105,13 +105,120 @@ def is_trainable_name(name: str) -> bool:
     return name.endswith(TRAINABLE_SUFFIXES)
 
 
-def require_adapters(tree: Any, what: str) -> None:
-    """Raises :class:`~jlora.errors.NotInjectedError` unless a bare params tree holds adapters."""
-    if not any(is_trainable_name(split_path(p)[1]) for p, _ in leaves_with_paths(tree)):
+def require_adapters(tree: Any, what: str) -> dict[tuple[str, str], bool]:
+    """:func:`check_adapters`, and :class:`~jlora.errors.NotInjectedError` if there are none."""
+    found = check_adapters(tree, what)
+    if not found:
         from jlora.errors import NotInjectedError
 
         raise NotInjectedError(f"{what}: this tree holds no LoRA adapters; call "
                                "jlora.inject(params, config, key) first.")
+    return found
+
+
+_ROLES = (A_SUFFIX, B_SUFFIX, SCALE_SUFFIX, MERGED_SUFFIX)
+_MAX_LISTED = 5
+
+
+def _shape(x: Any) -> tuple[int, ...] | None:
+    shape = getattr(unbox(x), "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def _unfit(param: str, leaves: Mapping[str, Any]) -> str | None:
+    """Why the adapter of ``param`` does not fit its param, or None (holes are not checked)."""
+    a, b = _shape(leaves.get(param + A_SUFFIX)), _shape(leaves.get(param + B_SUFFIX))
+    w = _shape(leaves.get(param))
+    s = _shape(leaves.get(param + SCALE_SUFFIX, leaves.get(param + MERGED_SUFFIX)))
+    if a is not None and len(a) < 2:
+        return f"{param}{A_SUFFIX} has shape {a}, not (in..., r)"
+    if b is not None and len(b) < 2:
+        return f"{param}{B_SUFFIX} has shape {b}, not (r, out...)"
+    if a is not None and b is not None:
+        if a[-1] != b[0]:
+            return (f"{param}{A_SUFFIX} {a} has rank {a[-1]} but {param}{B_SUFFIX} {b} has "
+                    f"rank {b[0]}")
+        if w is not None and a[:-1] + b[1:] != w:
+            return (f"{param}{A_SUFFIX} {a} @ {param}{B_SUFFIX} {b} gives {a[:-1] + b[1:]}, "
+                    f"not {param}'s shape {w}")
+    if s:
+        return f"its scale has shape {s}, not ()"
+    return None
+
+
+def check_adapters(tree: Any, what: str) -> dict[tuple[str, str], bool]:
+    """Checks that every adapter of a bare params tree is whole and fits the param it adapts.
+
+    An adapter is ``<param>_lora_a`` (in..., r), ``<param>_lora_b`` (r, out...) and exactly
+    one of ``<param>_lora_scale`` / ``<param>_lora_merged`` (0-d), beside ``<param>``. A
+    ``None`` leaf (a hole left by :func:`jlora.split`) counts as present and is not
+    shape-checked. Plain Python over the tree's paths: under ``jit`` it runs once per trace.
+
+    Args:
+      tree: a bare params tree (not a variables dict).
+      what: the caller's name, for the message.
+
+    Returns:
+      ``{(module path, param): merged}`` for every adapter (empty when there are none).
+
+    Raises:
+      IncompleteAdapterError: an adapter misses a leaf, or its param is missing.
+      ShapeError: A and B do not fit each other or the param.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> q = {"kernel": jnp.ones((4, 6)), "kernel_lora_a": jnp.ones((4, 2)),
+      ...      "kernel_lora_b": jnp.zeros((2, 6)), "kernel_lora_scale": jnp.float32(1)}
+      >>> check_adapters({"q": q}, "demo")
+      {('q', 'kernel'): False}
+      >>> del q["kernel_lora_b"]
+      >>> check_adapters({"q": q}, "demo")
+      Traceback (most recent call last):
+      ...
+      jlora.errors.IncompleteAdapterError: demo: the adapter of q.kernel is not whole: ...
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: x is None or is_box(x))
+    modules: dict[str, dict[str, Any]] = {}
+    for kp, leaf in flat:
+        module, name = split_path(keypath_to_path(kp))
+        modules.setdefault(module, {})[name] = leaf
+    found: dict[tuple[str, str], bool] = {}
+    broken: list[str] = []
+    unfit: list[str] = []
+    for module, leaves in modules.items():
+        params = {name[: -len(r)] for name in leaves for r in _ROLES
+                  if name.endswith(r) and len(name) > len(r)}
+        for param in sorted(params):
+            where = f"{module}.{param}" if module else param
+            have = [param + r for r in _ROLES if param + r in leaves]
+            need = [param + r for r in (A_SUFFIX, B_SUFFIX) if param + r not in leaves]
+            states = [r for r in (SCALE_SUFFIX, MERGED_SUFFIX) if param + r in leaves]
+            if not states:
+                need.append(f"{param}{SCALE_SUFFIX} (or {param}{MERGED_SUFFIX})")
+            if param not in leaves:
+                need.append(f"the param {param!r} it adapts")
+            if need:
+                broken.append(f"the adapter of {where} is not whole: it has {', '.join(have)} "
+                              f"but no {' and no '.join(need)}")
+            elif len(states) > 1:
+                broken.append(f"the adapter of {where} is not whole: it has both "
+                              f"{param}{SCALE_SUFFIX} and {param}{MERGED_SUFFIX}")
+            elif (why := _unfit(param, leaves)) is not None:
+                unfit.append(f"the adapter of {where} does not fit: {why}")
+            else:
+                found[(module, param)] = states[0] == MERGED_SUFFIX
+    if broken or unfit:
+        from jlora.errors import IncompleteAdapterError, ShapeError
+
+        listed = broken or unfit
+        more = f" (and {len(listed) - _MAX_LISTED} more)" if len(listed) > _MAX_LISTED else ""
+        fix = ("Every adapter is <param>_lora_a (in..., r), <param>_lora_b (r, out...) and "
+               "<param>_lora_scale (<param>_lora_merged once merged) beside <param>: build it "
+               "with jlora.inject (or jlora.hf.load_peft), or remove all of its leaves.")
+        cls = IncompleteAdapterError if broken else ShapeError
+        raise cls(f"{what}: {'; '.join(listed[:_MAX_LISTED])}{more}. {fix}")
+    return found
 
 
 def base_name(name: str) -> str:
