@@ -320,6 +320,7 @@ def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
     stopped = "done"
     ran = 0
     eval_seconds = 0.0
+    saved_at = position
 
     def drain(keep: int = 0):
         nonlocal window_tokens, window_t
@@ -350,6 +351,7 @@ def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
         drain(keep=1)  # read the previous step's metrics while this one runs
         if i % cfg.train.save_every == 0 or i == total:
             ckpt.save(i, s.state, data_position=it.position, force=True)
+            saved_at = i
         ran += 1
         due = evaluate is not None and (i == total or (cfg.train.eval_every
                                                        and i % cfg.train.eval_every == 0))
@@ -371,7 +373,8 @@ def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
             else:
                 stale += 1
                 if cfg.train.early_stopping and stale >= cfg.train.early_stopping:
-                    ckpt.save(i, s.state, data_position=it.position, force=True)
+                    if saved_at != i:
+                        ckpt.save(i, s.state, data_position=it.position, force=True)
                     stopped = f"early stopping at step {i}"
                     bar.write(f"no improvement of {metric} in {stale} evaluations: stopping")
                     break

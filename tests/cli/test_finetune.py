@@ -86,3 +86,14 @@ def test_config_file_with_flag_override(llama_dir, text_data, tmp_path):
     assert cfg.data.max_length == 16 and cfg.train.batch_size == 8
     lc = cfg.lora.to_config()
     assert lc.use_rslora and lc.rank == 5 and lc.targets == ("q_proj", "v_proj")
+
+
+def test_early_stopping(llama_dir, text_data, tmp_path):
+    out = tmp_path / "run"
+    r = finetune(parse(finetune_args(llama_dir, out, *text_data, "--train.eval-every", "1",
+                                     "--train.early-stopping", "2", "--optim.lr", "1e-30",
+                                     steps=8)), progress=False)
+    assert r["stopped"] == "early stopping at step 2" and r["steps"] == 2
+    assert [e["step"] for e in r["evals"]] == [0, 1, 2] and r["best"]["step"] == 0
+    assert json.loads((out / "summary.json").read_text())["stopped"].startswith("early")
+    assert (out / "adapter" / "adapter_config.json").is_file()
