@@ -28,12 +28,14 @@ from jlora.errors import JloraError
 
 __all__ = [
     "REQUIRED",
+    "F32_MAX",
     "Field",
     "read",
     "bad",
     "missing",
     "integer",
     "number",
+    "float32",
     "probability",
     "boolean",
     "string",
@@ -54,6 +56,9 @@ class _Required:
 
 REQUIRED: Any = _Required()
 """The default of a field that must be present."""
+
+F32_MAX = 3.4028234663852886e38
+"""The largest float32: a bound for fields that enter float32 arithmetic."""
 
 
 def is_int(v: Any) -> bool:
@@ -135,6 +140,14 @@ def number(
         return above and below
 
     return Field(kw.pop("want", want), ok, **kw)
+
+
+def float32(lo: float = 0.0, *, lo_open: bool = True, **kw: Any) -> Field:
+    """A number above ``lo`` (positive by default) that a float32 holds (at most
+    :data:`F32_MAX`): epsilons, scales and frequencies that enter float32 arithmetic."""
+    above = "positive" if (lo, lo_open) == (0.0, True) else f"{'>' if lo_open else '>='} {lo}"
+    want = kw.pop("want", f"a {above} number a float32 holds (at most 3.4e38)")
+    return number(lo, F32_MAX, lo_open=lo_open, want=want, **kw)
 
 
 def probability(**kw: Any) -> Field:

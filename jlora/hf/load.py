@@ -244,7 +244,7 @@ def _match_tensors(
     canonical = dict(_paths(spec, expected))  # param path -> HF name
     optional = spec.optional_hf_keys(hf_config)
     plan: dict[ParamPath, str] = {}  # param path -> tensor name in the files
-    unexpected, mismatched, twice = [], [], []
+    unexpected, mismatched, twice, misshapen = [], [], [], set()
     for name, info in index.items():
         converted = layouts[name]
         if converted is None:
@@ -257,13 +257,14 @@ def _match_tensors(
         elif param_path in plan:
             twice.append(f"{plan[param_path]!r} and {name!r} are both {canonical[param_path]!r}")
         elif tuple(info.shape) != tuple(want := expected[canonical[param_path]]):
+            misshapen.add(param_path)
             mismatched.append(
                 f"{name!r} has shape {tuple(info.shape)} in {info.file.name} but config.json "
                 f"implies {tuple(want)}"
             )
         else:
             plan[param_path] = name
-    absent = {canonical[p]: p for p in canonical if p not in plan}
+    absent = {canonical[p]: p for p in canonical if p not in plan and p not in misshapen}
     initialised = {n: p for n, p in absent.items() if n in optional}
     missing = set(absent) - set(initialised)
     problems = []

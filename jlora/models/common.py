@@ -54,11 +54,6 @@ UNSUPPORTED: dict[str, schema.Field] = {
 }
 
 
-def positive_eps(**kw: Any) -> schema.Field:
-    """A norm epsilon: a positive number."""
-    return schema.number(0, lo_open=True, **kw)
-
-
 def check_heads(arch: str, config: Any, hidden: str, heads: str) -> None:
     """Raises :class:`HFError` unless field ``hidden`` of ``config`` divides by ``heads``."""
     h, n = getattr(config, hidden), getattr(config, heads)

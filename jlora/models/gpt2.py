@@ -93,7 +93,7 @@ _FIELDS: dict[str, schema.Field] = {
     "n_positions": schema.integer(default=1024, aliases=("max_position_embeddings",)),
     "n_inner": schema.integer(default=None, null=True),
     "activation_function": schema.choice(*_ACTIVATIONS, default="gelu_new"),
-    "layer_norm_epsilon": common.positive_eps(default=1e-5),
+    "layer_norm_epsilon": schema.float32(default=1e-5),
     "scale_attn_weights": schema.boolean(default=True),
     "scale_attn_by_inverse_layer_idx": schema.boolean(default=False),
     "reorder_and_upcast_attn": schema.boolean(default=False),  # scores are float32 here anyway

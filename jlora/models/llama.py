@@ -36,12 +36,10 @@ _FIELDS: dict[str, schema.Field] = {
     "num_attention_heads": schema.integer(),
     "num_key_value_heads": schema.integer(default=None, null=True),
     "head_dim": schema.integer(default=None, null=True),
-    "rms_norm_eps": common.positive_eps(default=1e-6),
+    "rms_norm_eps": schema.float32(default=1e-6),
     "hidden_act": schema.choice(*_ACTIVATIONS, default="silu"),
     "tie_word_embeddings": schema.boolean(default=False),
-    "attention_bias": schema.boolean(default=False),
-    "mlp_bias": schema.boolean(default=False),
-    "initializer_range": schema.number(0, default=0.02),
+    "initializer_range": schema.float32(lo_open=False, default=0.02),
     "attention_dropout": schema.Field(
         "0 (jlora's Llama-family model has no attention dropout)",
         lambda v: schema.is_number(v) and v == 0,
@@ -53,8 +51,12 @@ _FIELDS: dict[str, schema.Field] = {
     **common.UNSUPPORTED,
 }
 _WINDOW = schema.or_null(schema.integer(default=4096))
-_BY_TYPE: dict[str, dict[str, schema.Field]] = {  # transformers reads a window only for these
-    "llama": {"max_position_embeddings": schema.integer(default=2048)},
+_BY_TYPE: dict[str, dict[str, schema.Field]] = {  # what each model_type reads beside _FIELDS
+    "llama": {
+        "max_position_embeddings": schema.integer(default=2048),
+        "attention_bias": schema.boolean(default=False),
+        "mlp_bias": schema.boolean(default=False),
+    },
     "mistral": {
         "max_position_embeddings": schema.integer(default=131072),
         "sliding_window": _WINDOW,
@@ -124,9 +126,10 @@ def _read(hf: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
                 f"a list of {n} entries (num_hidden_layers), one per layer",
             )
     v["window"] = window
-    v["qkv_bias"], v["o_bias"] = (
-        (True, False) if model_type == "qwen2" else (v["attention_bias"],) * 2
-    )
+    # Qwen2 has q/k/v biases, Mistral none, Llama what attention_bias / mlp_bias say.
+    attention_bias = v.get("attention_bias", False)
+    v["qkv_bias"], v["o_bias"] = (True, False) if model_type == "qwen2" else (attention_bias,) * 2
+    v["mlp_bias"] = v.get("mlp_bias", False)
     v["rope"] = rope_parameters(hf, source, v["max_position_embeddings"])
     return v
 
@@ -188,7 +191,7 @@ class DecoderConfig:
         """
         v = _read(hf, source)
         v["sliding_windows"] = _windows(v)
-        v["rope_inv_freq"] = tuple(float(f) for f in inv_freq(v["rope"], v["head_dim"]))
+        v["rope_inv_freq"] = tuple(float(f) for f in inv_freq(v["rope"], v["head_dim"], source))
         return cls(**{k: x for k, x in v.items() if k in cls.__dataclass_fields__})
 
 

@@ -16,7 +16,7 @@ from jlora.errors import HFError
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _DEFAULT_THETA = 10000.0
-_POSITIVE = schema.number(0, lo_open=True)
+_POSITIVE = schema.float32()
 _OTHERS = (
     "use transformers for this model, or convert it to a default/linear/llama3 rope checkpoint"
 )
@@ -47,7 +47,7 @@ def rope_parameters(
         {
             "rope_parameters": schema.mapping(default=None, null=True),
             "rope_scaling": schema.mapping(default=None, null=True),
-            "rope_theta": schema.number(0, lo_open=True, default=None, null=True),
+            "rope_theta": schema.float32(default=None, null=True),
             "partial_rotary_factor": schema.number(0, lo_open=True, default=None, null=True),
             "original_max_position_embeddings": schema.integer(default=None, null=True),
         },
@@ -90,7 +90,7 @@ def rope_parameters(
             _OTHERS,
         )
     fields = {
-        "rope_theta": schema.number(0, lo_open=True, default=top["rope_theta"] or _DEFAULT_THETA),
+        "rope_theta": schema.float32(default=top["rope_theta"] or _DEFAULT_THETA),
         "partial_rotary_factor": schema.Field(
             "1 (jlora's llama model rotates the whole head)",
             lambda v: schema.is_number(v) and v == 1,
@@ -99,7 +99,7 @@ def rope_parameters(
         ),
     }
     if rope_type in ("linear", "llama3"):
-        fields["factor"] = _POSITIVE
+        fields["factor"] = schema.float32(1.0, lo_open=False)  # transformers: factor >= 1
     if rope_type == "llama3":
         fields["low_freq_factor"] = _POSITIVE
         fields["high_freq_factor"] = _POSITIVE
@@ -154,11 +154,32 @@ def rope_inv_freq(
     """
     if max_position_embeddings is None:
         max_position_embeddings = hf.get("max_position_embeddings")
-    return inv_freq(rope_parameters(hf, source, max_position_embeddings), head_dim)
+    return inv_freq(rope_parameters(hf, source, max_position_embeddings), head_dim, source)
 
 
-def inv_freq(rope: Mapping[str, Any], head_dim: int) -> np.ndarray:
-    """Rotary inverse frequencies (float32) of checked parameters (:func:`rope_parameters`)."""
+def inv_freq(rope: Mapping[str, Any], head_dim: int, source: str = "config.json") -> np.ndarray:
+    """Rotary inverse frequencies (float32) of checked parameters (:func:`rope_parameters`).
+
+    Raises:
+      HFError: the parameters overflow float32 (a theta or factor so extreme that a frequency
+        is infinite or NaN), naming ``source``.
+    """
+    try:
+        with np.errstate(over="raise", divide="raise", invalid="raise", under="ignore"):
+            freq = _inv_freq(rope, head_dim)
+    except FloatingPointError as e:
+        freq, error = None, e
+    if freq is None or not np.isfinite(freq).all():
+        why = f" ({error})" if freq is None else ""
+        raise HFError(
+            f"{source}: the rope parameters {dict(rope)} give non-finite float32 "
+            f"frequencies{why}; use values transformers accepts (rope_theta around "
+            "1e4-1e6, factor >= 1)."
+        )
+    return freq
+
+
+def _inv_freq(rope: Mapping[str, Any], head_dim: int) -> np.ndarray:
     exps = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     freq = (np.float32(1.0) / (np.float32(rope["rope_theta"]) ** exps)).astype(np.float32)
     if rope["rope_type"] == "default":
