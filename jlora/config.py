@@ -36,12 +36,12 @@ def _tuple_or_str(name: str, value: Any, allow_none: bool = True) -> str | tuple
                 "matched with re.fullmatch on the module path."
             ) from None
         return value
-    if isinstance(value, Sequence | set | frozenset):
-        items = tuple(sorted(value)) if isinstance(value, set | frozenset) else tuple(value)
+    if isinstance(value, Sequence | set | frozenset) and not isinstance(value, bytes | bytearray):
+        items = tuple(value)
         bad = [v for v in items if not isinstance(v, str) or not v]
         if bad:
-            raise ConfigError(f"{name} entries must be non-empty strings, got {bad!r}.")
-        return items
+            raise ConfigError(f"{name} entries must be non-empty strings, got {bad!r:.80}.")
+        return tuple(sorted(items)) if isinstance(value, set | frozenset) else items
     raise ConfigError(f"{name} must be a string or a list of strings, got {type(value).__name__}.")
 
 
@@ -97,14 +97,9 @@ class LoraConfig:
                 f"rank={self.rank!r}: the adapter rank must be a positive int "
                 "(typical values 4-64)."
             )
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, int | float)
-            or not math.isfinite(self.alpha)
-            or self.alpha <= 0
-        ):
+        if not _alpha_ok(self.alpha):
             raise ConfigError(
-                f"alpha={self.alpha!r}: lora_alpha must be a positive number "
+                f"alpha={self.alpha!r}: lora_alpha must be a positive number a float32 holds "
                 "(the update is scaled by alpha / rank; alpha = rank means 1.0)."
             )
         set_("alpha", float(self.alpha))
@@ -146,9 +141,9 @@ class LoraConfig:
                     re.compile(k)
                 except re.error as e:
                     raise ConfigError(f"{name} key {k!r} is not a valid regex ({e}).") from None
-                ok = (schema.is_int(v) if cast is int else schema.is_number(v)) and v > 0
+                ok = schema.is_int(v) and v > 0 if cast is int else _alpha_ok(v)
                 if not ok:
-                    kind = "a positive int" if cast is int else "a positive number"
+                    kind = "a positive int" if cast is int else "a positive number (float32)"
                     raise ConfigError(f"{name}[{k!r}]={v!r}: must be {kind}.")
                 out[k] = cast(v)
             set_(name, out)
@@ -311,6 +306,11 @@ class LoraConfig:
 
     def __hash__(self) -> int:
         return hash(self.to_json())
+
+
+def _alpha_ok(x: Any) -> bool:
+    """A positive number a float32 holds (scales are float32 leaves)."""
+    return schema.is_number(x) and 0 < x <= schema.F32_MAX
 
 
 def _num(x: float) -> int | float:

@@ -92,7 +92,7 @@ _NULL_OBJECT = schema.or_null(schema.mapping(default=None))
 PEFT_FIELDS: dict[str, schema.Field] = {
     # read: they change the math and jlora reproduces them
     "r": schema.integer(default=8),
-    "lora_alpha": schema.number(0, lo_open=True, default=8),
+    "lora_alpha": schema.float32(default=8),
     "target_modules": schema.Field(
         _STRINGS, _strings, fix="give the adapted modules (PEFT resolves them on save)"
     ),
@@ -111,7 +111,7 @@ PEFT_FIELDS: dict[str, schema.Field] = {
     ),
     "alpha_pattern": schema.Field(
         "an object {regex: positive number}",
-        _pattern(lambda x: schema.is_number(x) and x > 0),
+        _pattern(lambda x: schema.is_number(x) and 0 < x <= schema.F32_MAX),
         default={},
         null=True,
     ),
