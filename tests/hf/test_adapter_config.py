@@ -103,8 +103,10 @@ CASES = {
     "layers-pattern-int": ({"layers_to_transform": [0], "layers_pattern": 1}, "layers_pattern=1"),
     "rank-pattern-float": ({"rank_pattern": {"q_proj": 1.5}}, "rank_pattern="),
     "init-unknown": ({"init_lora_weights": "kaiming"}, "init_lora_weights='kaiming'"),
-    "init-loftq": ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}},
-                   "init_lora_weights='loftq'"),  # fmt: skip
+    "init-loftq": (
+        {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}},
+        "init_lora_weights='loftq'",
+    ),  # fmt: skip
     "dora": ({"use_dora": True}, "use_dora=True"),
     "bias": ({"bias": "all"}, "bias='all'"),
     "modules-to-save": ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head']"),
@@ -178,13 +180,29 @@ _SCALARS = (
     | st.sampled_from([0, 1, 2, 4, -1, 2**63, 10**30])
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=8)
-    | st.sampled_from(["q_proj", "v_proj", "k_proj", "layers", ".*q_proj", "all-linear",
-                      "pissa", "olora", "gaussian", "none", "all", "LORA"])  # fmt: skip
+    | st.sampled_from(
+        [
+            "q_proj",
+            "v_proj",
+            "k_proj",
+            "layers",
+            ".*q_proj",
+            "all-linear",
+            "pissa",
+            "olora",
+            "gaussian",
+            "none",
+            "all",
+            "LORA",
+        ]
+    )  # fmt: skip
 )
 _VALUES = st.recursive(
     _SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_SCALARS.filter(
-        lambda k: isinstance(k, str)), inner, max_size=3),  # fmt: skip
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(_SCALARS.filter(lambda k: isinstance(k, str)), inner, max_size=3)
+    ),  # fmt: skip
     max_leaves=5,
 )
 _KEYS = ["r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",

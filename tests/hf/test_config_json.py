@@ -54,7 +54,13 @@ CONFIGS = {
         max_window_layers=1,
     ),
     "gpt2": lambda: tf.GPT2Config(
-        vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+        vocab_size=50,
+        n_positions=16,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
     ),
     "bert": lambda: tf.BertConfig(
         vocab_size=50,
@@ -139,7 +145,10 @@ LLAMA_CASES = {
         _set(num_attention_heads=3, head_dim=None),
         "num_attention_heads=3 (an int) must be a divisor of hidden_size=16",
     ),
-    "kv-not-dividing": (_set(num_key_value_heads=3), "num_key_value_heads=3 (an int) must be a divisor"),
+    "kv-not-dividing": (
+        _set(num_key_value_heads=3),
+        "num_key_value_heads=3 (an int) must be a divisor",
+    ),
     "head-dim-odd": (_set(head_dim=5), "head_dim=5 (an int) must be even"),
     "act-unknown": (_set(hidden_act="swiglu"), "hidden_act='swiglu'"),
     "tie-string": (_set(tie_word_embeddings="false"), "tie_word_embeddings='false'"),
@@ -161,12 +170,22 @@ LLAMA_CASES = {
         "rope_parameters.factor='2'",
     ),
     "rope-llama3-freqs": (
-        _set(rope_parameters={"rope_type": "llama3", "factor": 8, "low_freq_factor": 4,
-                              "high_freq_factor": 1, "original_max_position_embeddings": 16}),
+        _set(
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8,
+                "low_freq_factor": 4,
+                "high_freq_factor": 1,
+                "original_max_position_embeddings": 16,
+            }
+        ),
         "rope_parameters.high_freq_factor=1",
     ),
     "rope-not-a-dict": (_set(rope_parameters="default"), "rope_parameters='default'"),
-    "rope-theta-negative": (_set(rope_parameters={"rope_theta": -1.0}), "rope_parameters.rope_theta"),
+    "rope-theta-negative": (
+        _set(rope_parameters={"rope_theta": -1.0}),
+        "rope_parameters.rope_theta",
+    ),
     "rope-two-disagree": (
         _set(rope_scaling={"rope_type": "linear", "factor": 2.0}),
         "sets both rope_parameters and rope_scaling",
@@ -193,7 +212,10 @@ def test_llama_config_errors(case, checkpoints, tmp_path, no_trace):
 
 
 OTHER_CASES = {
-    ("qwen2", "layer-types-length"): (_set(layer_types=["full_attention"]), "must be a list of 2 entries"),
+    ("qwen2", "layer-types-length"): (
+        _set(layer_types=["full_attention"]),
+        "must be a list of 2 entries",
+    ),
     ("qwen2", "layer-types-unknown"): (
         _set(layer_types=["full_attention", "chunked_attention"]),
         "layer_types=['full_attention', 'chunked_attention']",
@@ -201,7 +223,10 @@ OTHER_CASES = {
     ("qwen2", "window-negative"): (_set(sliding_window=-1), "sliding_window=-1"),
     ("qwen2", "use-window-string"): (_set(use_sliding_window="yes"), "use_sliding_window='yes'"),
     ("gpt2", "n-embd-string"): (_set(n_embd="16"), "n_embd='16' (a string)"),
-    ("gpt2", "n-head-not-dividing"): (_set(n_head=3), "n_head=3 (an int) must be a divisor of n_embd=16"),
+    ("gpt2", "n-head-not-dividing"): (
+        _set(n_head=3),
+        "n_head=3 (an int) must be a divisor of n_embd=16",
+    ),
     ("gpt2", "n-layer-float"): (_set(n_layer=2.0), "n_layer=2.0 (a float)"),
     ("gpt2", "no-n-layer"): (_drop("n_layer"), "has no 'n_layer'"),
     ("gpt2", "eps-negative"): (_set(layer_norm_epsilon=-1), "layer_norm_epsilon=-1"),
@@ -241,8 +266,11 @@ def test_layer_count_checked_on_headers_before_tracing(layers, checkpoints, tmp_
         load(path)
     assert time.perf_counter() - start < 2.0
     msg = str(info.value)
-    assert ("missing tensors: 'model.layers.2." in msg) if layers == 3 else (
-        f"gives {layers} layers" in msg)
+    assert (
+        ("missing tensors: 'model.layers.2." in msg)
+        if layers == 3
+        else (f"gives {layers} layers" in msg)
+    )
 
 
 @pytest.mark.parametrize("edit, match", [
@@ -372,7 +400,9 @@ _SCALARS = (
 )
 _VALUES = st.recursive(
     _SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=5,
 )
 _EXTRA_KEYS = ["rope_scaling", "rope_parameters", "head_dim", "sliding_window", "layer_types",
