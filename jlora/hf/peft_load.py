@@ -51,8 +51,8 @@ def _read_config(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HFError(f"{str(path / CONFIG_FILE)!r} is not valid JSON ({e}).") from None
     except (OSError, RecursionError) as e:
-        raise HFError(f"{str(path / CONFIG_FILE)!r} cannot be read ({type(e).__name__}: {e})."
-                      ) from None
+        why = f"{type(e).__name__}: {e}"
+        raise HFError(f"{str(path / CONFIG_FILE)!r} cannot be read ({why}).") from None
     if not isinstance(d, dict):
         raise HFError(f"{str(path / CONFIG_FILE)!r} is not a JSON object; {what}.")
     if not (path / WEIGHTS_FILE).is_file():

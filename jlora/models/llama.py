@@ -86,45 +86,23 @@ def _read(hf: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
     fields = {**_FIELDS, **_BY_TYPE.get(model_type, _BY_TYPE["llama"])}
     v = schema.read(hf, fields, source=source, error=HFError)
     n, heads = v["num_hidden_layers"], v["num_attention_heads"]
+    bad = lambda field, want: schema.bad(HFError, source, field, v[field], want)
     if v["head_dim"] is None:
         if v["hidden_size"] % heads:
-            raise schema.bad(
-                HFError,
-                source,
-                "num_attention_heads",
-                heads,
-                f"a divisor of hidden_size={v['hidden_size']} (or set head_dim)",
-            )
+            raise bad("num_attention_heads", f"a divisor of hidden_size={v['hidden_size']}"
+                      " (or set head_dim)")  # fmt: skip
         v["head_dim"] = v["hidden_size"] // heads
     elif v["head_dim"] % 2:
-        raise schema.bad(
-            HFError,
-            source,
-            "head_dim",
-            v["head_dim"],
-            "even (rotary embeddings rotate pairs of features)",
-        )
+        raise bad("head_dim", "even (rotary embeddings rotate pairs of features)")
     kv_heads = v["num_key_value_heads"] = v["num_key_value_heads"] or heads
     if heads % kv_heads:
-        raise schema.bad(
-            HFError,
-            source,
-            "num_key_value_heads",
-            kv_heads,
-            f"a divisor of num_attention_heads={heads}",
-        )
+        raise bad("num_key_value_heads", f"a divisor of num_attention_heads={heads}")
     window = v.get("sliding_window")
     if model_type == "qwen2":
         window = window if v["use_sliding_window"] else None
-        types = v["layer_types"]
-        if types is not None and len(types) != n:
-            raise schema.bad(
-                HFError,
-                source,
-                "layer_types",
-                types,
-                f"a list of {n} entries (num_hidden_layers), one per layer",
-            )
+        if v["layer_types"] is not None and len(v["layer_types"]) != n:
+            raise bad("layer_types", f"a list of {n} entries (num_hidden_layers), one per layer")
+    v["model_type"] = model_type
     v["window"] = window
     # Qwen2 has q/k/v biases, Mistral none, Llama what attention_bias / mlp_bias say.
     attention_bias = v.get("attention_bias", False)
@@ -143,9 +121,9 @@ def _windows(v: Mapping[str, Any]) -> tuple[int | None, ...] | None:
     window, n = v["window"], v["num_hidden_layers"]
     if window is None:
         return None
-    types = v.get("layer_types")
-    if "max_window_layers" not in v:  # mistral
+    if v["model_type"] == "mistral":
         return (window,) * n
+    types = v["layer_types"]
     if types is None:
         types = [_LAYER_TYPES[i >= v["max_window_layers"]] for i in range(n)]
     windows = tuple(window if t == "sliding_attention" else None for t in types)
@@ -445,9 +423,8 @@ def _expected_hf_shapes(hf_config: Mapping[str, Any]) -> dict[str, tuple[int, ..
         shapes["lm_head.weight"] = (vocab, h)
     for i in range(v["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        shapes[f"{p}.input_layernorm.weight"] = shapes[f"{p}.post_attention_layernorm.weight"] = (
-            h,
-        )
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"{p}.{norm}.weight"] = (h,)
         for name, out, inp, bias in [
             ("self_attn.q_proj", q, h, v["qkv_bias"]),
             ("self_attn.k_proj", kv, h, v["qkv_bias"]),
