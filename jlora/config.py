@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jlora import schema
 from jlora.errors import ConfigError
 
 _INITS = ("default", "gaussian", "pissa", "olora", "random")
@@ -20,23 +21,27 @@ def _tuple_or_str(name: str, value: Any, allow_none: bool = True) -> str | tuple
     if value is None:
         if allow_none:
             return None
-        raise ConfigError(f"{name} is required: give module names (['q_proj', 'v_proj']), a "
-                          "regex string, or 'all-linear'.")
+        raise ConfigError(
+            f"{name} is required: give module names (['q_proj', 'v_proj']), a "
+            "regex string, or 'all-linear'."
+        )
     if isinstance(value, str):
         if not value:
             raise ConfigError(f"{name}='' matches nothing: give module names or a regex.")
         try:
             re.compile(value)
         except re.error as e:
-            raise ConfigError(f"{name}={value!r} is not a valid regex ({e}); a string is "
-                              "matched with re.fullmatch on the module path.") from None
+            raise ConfigError(
+                f"{name}={value!r} is not a valid regex ({e}); a string is "
+                "matched with re.fullmatch on the module path."
+            ) from None
         return value
-    if isinstance(value, Sequence | set | frozenset):
-        items = tuple(sorted(value)) if isinstance(value, set | frozenset) else tuple(value)
+    if isinstance(value, Sequence | set | frozenset) and not isinstance(value, bytes | bytearray):
+        items = tuple(value)
         bad = [v for v in items if not isinstance(v, str) or not v]
         if bad:
-            raise ConfigError(f"{name} entries must be non-empty strings, got {bad!r}.")
-        return items
+            raise ConfigError(f"{name} entries must be non-empty strings, got {bad!r:.80}.")
+        return tuple(sorted(items)) if isinstance(value, set | frozenset) else items
     raise ConfigError(f"{name} must be a string or a list of strings, got {type(value).__name__}.")
 
 
@@ -88,12 +93,15 @@ class LoraConfig:
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"rank={self.rank!r}: the adapter rank must be a positive int "
-                              "(typical values 4-64).")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) \
-                or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"alpha={self.alpha!r}: lora_alpha must be a positive number "
-                              "(the update is scaled by alpha / rank; alpha = rank means 1.0).")
+            raise ConfigError(
+                f"rank={self.rank!r}: the adapter rank must be a positive int "
+                "(typical values 4-64)."
+            )
+        if not _alpha_ok(self.alpha):
+            raise ConfigError(
+                f"alpha={self.alpha!r}: lora_alpha must be a positive number a float32 holds "
+                "(the update is scaled by alpha / rank; alpha = rank means 1.0)."
+            )
         set_("alpha", float(self.alpha))
         set_("targets", _tuple_or_str("targets", self.targets, allow_none=False))
         set_("exclude", _tuple_or_str("exclude", self.exclude))
@@ -104,17 +112,23 @@ class LoraConfig:
             if not isinstance(items, Sequence) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items
             ):
-                raise ConfigError(f"layers={layers!r}: give a layer index or a list of "
-                                  "non-negative layer indices (PEFT's layers_to_transform).")
+                raise ConfigError(
+                    f"layers={layers!r}: give a layer index or a list of "
+                    "non-negative layer indices (PEFT's layers_to_transform)."
+                )
             if not isinstance(layers, int):
                 set_("layers", tuple(layers))
             if isinstance(self.targets, str):
-                raise ConfigError("layers only applies to a list of targets (as in PEFT): "
-                                  "put the layer index in the regex instead, e.g. "
-                                  r"r'.*\.layers\.(0|1)\..*q_proj'.")
+                raise ConfigError(
+                    "layers only applies to a list of targets (as in PEFT): "
+                    "put the layer index in the regex instead, e.g. "
+                    r"r'.*\.layers\.(0|1)\..*q_proj'."
+                )
         if self.layers_pattern and self.layers is None:
-            raise ConfigError("layers_pattern only narrows `layers` (as in PEFT): set "
-                              "layers=[...] too, or drop layers_pattern.")
+            raise ConfigError(
+                "layers_pattern only narrows `layers` (as in PEFT): set "
+                "layers=[...] too, or drop layers_pattern."
+            )
         for name, cast in (("rank_pattern", int), ("alpha_pattern", float)):
             pat = getattr(self, name)
             if not isinstance(pat, Mapping):
@@ -127,14 +141,14 @@ class LoraConfig:
                     re.compile(k)
                 except re.error as e:
                     raise ConfigError(f"{name} key {k!r} is not a valid regex ({e}).") from None
-                ok = isinstance(v, int | float) and not isinstance(v, bool) and v > 0
-                if not ok or (cast is int and int(v) != v):
-                    kind = "a positive int" if cast is int else "a positive number"
+                ok = schema.is_int(v) and v > 0 if cast is int else _alpha_ok(v)
+                if not ok:
+                    kind = "a positive int" if cast is int else "a positive number (float32)"
                     raise ConfigError(f"{name}[{k!r}]={v!r}: must be {kind}.")
                 out[k] = cast(v)
             set_(name, out)
-        if not isinstance(self.dropout, int | float) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout={self.dropout!r}: lora_dropout must be in [0, 1).")
+        if not schema.is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout!r}: lora_dropout must be a number in [0, 1).")
         set_("dropout", float(self.dropout))
         init = self.init
         if init is True:
@@ -142,12 +156,22 @@ class LoraConfig:
         elif init is False:
             init = "random"
         if not isinstance(init, str) or not (init in _INITS or _PISSA_NITER.match(init)):
-            raise ConfigError(f"init={self.init!r}: choose one of {', '.join(_INITS)} or "
-                              "'pissa_niter_N' (randomised SVD with N subspace iterations).")
+            raise ConfigError(
+                f"init={self.init!r}: choose one of {', '.join(_INITS)} or "
+                "'pissa_niter_N' (randomised SVD with N subspace iterations)."
+            )
         set_("init", init)
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r}: must be True or False "
+                    "(a bool, not a string or a number)."
+                )
         if self.use_dora:
-            raise ConfigError("use_dora=True: DoRA is on jlora's roadmap but not implemented "
-                              "yet; set use_dora=False.")
+            raise ConfigError(
+                "use_dora=True: DoRA is on jlora's roadmap but not implemented "
+                "yet; set use_dora=False."
+            )
 
     # ---------------------------------------------------------------- per-module values
     def rank_for(self, module_path: str) -> int:
@@ -174,8 +198,13 @@ class LoraConfig:
 
         if self.targets == ALL_LINEAR:
             raise ConfigError("'all-linear' is resolved against a params tree: use plan().")
-        return target_matches(module_path, self.targets, exclude=self.exclude,
-                              layers=self.layers, layers_pattern=self.layers_pattern)
+        return target_matches(
+            module_path,
+            self.targets,
+            exclude=self.exclude,
+            layers=self.layers,
+            layers_pattern=self.layers_pattern,
+        )
 
     # ---------------------------------------------------------------- PEFT interop
     def to_peft(self, **extra: Any) -> dict[str, Any]:
@@ -212,65 +241,76 @@ class LoraConfig:
         return d
 
     @classmethod
-    def from_peft(cls, d: Mapping[str, Any]) -> LoraConfig:
-        """Builds a config from a PEFT ``adapter_config.json`` dict; rejects what jlora
-        cannot reproduce exactly (other peft types, DoRA, biases, modules_to_save...)."""
-        peft_type = d.get("peft_type", "LORA")
-        peft_type = getattr(peft_type, "value", peft_type)  # a PeftType enum
-        if str(peft_type).upper() != "LORA":
-            raise ConfigError(f"adapter_config has peft_type={peft_type!r}: jlora reads LoRA "
-                              "adapters only (peft_type 'LORA').")
-        unsupported = {
-            "use_dora": False, "bias": "none", "modules_to_save": None,
-            "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
-            "lora_bias": False, "alora_invocation_tokens": None,
-        }
-        for k, ok in unsupported.items():
-            v = d.get(k, ok)
-            if v not in (ok, None, [], {}, False) or (ok == "none" and v not in ("none", None)):
-                raise ConfigError(f"adapter_config sets {k}={v!r}, which jlora does not support "
-                                  f"yet; only {k}={ok!r} adapters can be loaded exactly.")
-        init = d.get("init_lora_weights", True)
-        init = {True: "default", False: "random"}.get(init, init)
-        if isinstance(init, str) and init not in _INITS and not _PISSA_NITER.match(init):
-            init = "default"  # an init only matters before training; the weights are loaded
-        targets = d.get("target_modules")
-        layers = d.get("layers_to_transform")
-        if isinstance(targets, str):
-            layers = None  # PEFT ignores layers_to_transform for a regex target
-        return cls(
-            rank=int(d.get("r", 8)),
-            alpha=d.get("lora_alpha", 8),
-            targets=targets,
-            exclude=d.get("exclude_modules"),
-            layers=layers,
-            layers_pattern=d.get("layers_pattern"),
-            rank_pattern=d.get("rank_pattern") or {},
-            alpha_pattern=d.get("alpha_pattern") or {},
-            dropout=float(d.get("lora_dropout", 0.0) or 0.0),
-            init=init,
-            use_rslora=bool(d.get("use_rslora", False)),
-        )
+    def from_peft(cls, d: Mapping[str, Any], *, source: str = "adapter_config.json") -> LoraConfig:
+        """Builds a config from a PEFT ``adapter_config.json`` dict, every field checked.
+
+        Each field of peft's ``LoraConfig`` (peft 0.21) is either read (``r``, ``lora_alpha``,
+        targets, layers, patterns, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``),
+        metadata that does not change the math (type-checked), or a feature jlora does not
+        implement, accepted only when off (DoRA, biases, ``modules_to_save``,
+        ``layer_replication``, LoftQ/CorDA/LoRA-GA inits, aLoRA, other LoRA variants...).
+        A field peft 0.21 does not have (a newer peft's) is accepted only when off (null,
+        false, empty): jlora cannot tell whether it changes the math. See
+        :data:`PEFT_FIELDS`.
+
+        Args:
+          d: the parsed ``adapter_config.json``.
+          source: how errors name the file (``load_peft`` passes its path).
+
+        Raises:
+          ConfigError: naming ``source``, the field and the fix.
+        """
+        from jlora.peft_config import read_peft
+
+        try:
+            return cls(**read_peft(d, source))
+        except ConfigError as e:
+            if str(e).startswith(source):
+                raise
+            raise ConfigError(f"{source}: {e}") from None
 
     def to_json(self) -> str:
         """The config as JSON (jlora field names); :meth:`from_json` reads it back."""
         d = dataclasses.asdict(self)
-        return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in d.items()},
-                          sort_keys=True)
+        return json.dumps(
+            {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}, sort_keys=True
+        )
 
     @classmethod
-    def from_json(cls, s: str | Mapping[str, Any]) -> LoraConfig:
-        """Reads :meth:`to_json` output."""
-        d = json.loads(s) if isinstance(s, str) else dict(s)
+    def from_json(cls, s: str | bytes | Mapping[str, Any]) -> LoraConfig:
+        """Reads :meth:`to_json` output (or its dict); every field is checked as in the
+        constructor.
+
+        Raises:
+          ConfigError: not JSON, not an object, an unknown field, or a field's value.
+        """
+        if isinstance(s, str | bytes | bytearray):
+            try:
+                d = json.loads(s)
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+                raise ConfigError(f"LoraConfig JSON does not parse ({e}).") from None
+        elif isinstance(s, Mapping):
+            d = s
+        else:
+            raise ConfigError(
+                f"LoraConfig.from_json takes a JSON string or a dict, got {type(s).__name__}."
+            )
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"LoraConfig JSON must be an object, got {type(d).__name__}.")
+        d = dict(d)
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
+        unknown = sorted(map(str, set(d) - fields))
         if unknown:
-            raise ConfigError(f"unknown LoraConfig fields {sorted(unknown)}; known: "
-                              f"{sorted(fields)}.")
+            raise ConfigError(f"unknown LoraConfig fields {unknown}; known: {sorted(fields)}.")
         return cls(**d)
 
     def __hash__(self) -> int:
         return hash(self.to_json())
+
+
+def _alpha_ok(x: Any) -> bool:
+    """A positive number a float32 holds (scales are float32 leaves)."""
+    return schema.is_number(x) and 0 < x <= schema.F32_MAX
 
 
 def _num(x: float) -> int | float:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jlora import schema
 from jlora.errors import HFError
 from jlora.hf.io import TensorInfo, checkpoint_index, hf_layout_shape, read_tensor
 from jlora.models import arch_spec
@@ -29,13 +30,69 @@ _MAX_LISTED = 10
 logger = logging.getLogger(__name__)
 
 
+def check_path(path: Any, what: str = "path") -> Path:
+    """``path`` as a :class:`Path`, or an :class:`HFError` for what is not a usable path."""
+    if not isinstance(path, str | os.PathLike):
+        raise HFError(
+            f"{what} must be a directory path (a str or os.PathLike), got "
+            f"{type(path).__name__} {path!r:.60}."
+        )
+    try:
+        text = os.fspath(path)
+    except TypeError as e:
+        raise HFError(f"{what}={path!r:.60} is not a path ({e}).") from None
+    if not isinstance(text, str):
+        raise HFError(f"{what}={path!r:.60} is a bytes path; pass it as a str.")
+    if not text or "\0" in text:
+        raise HFError(f"{what}={text!r:.60} is not a directory path; pass the model directory.")
+    return Path(text)
+
+
+def check_dtype(dtype: Any, what: str = "dtype") -> np.dtype | None:
+    """``dtype`` as a numpy dtype jlora computes in (float32, bfloat16, float16; float64 with
+    ``jax_enable_x64``), ``None`` kept; an :class:`HFError` for anything else.
+
+    Example:
+      >>> check_dtype("bfloat16")
+      dtype(bfloat16)
+      >>> check_dtype("int8")
+      Traceback (most recent call last):
+      ...
+      jlora.errors.HFError: dtype='int8' (int8) is not a float dtype jlora computes in; ...
+    """
+    if dtype is None:
+        return None
+    allowed = [jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)]
+    if jax.config.jax_enable_x64:
+        allowed.append(jnp.dtype(jnp.float64))
+    names = ", ".join(f"jnp.{d.name}" for d in allowed)
+    try:
+        dt = None if isinstance(dtype, bool) else jnp.dtype(dtype)
+    except Exception:  # noqa: BLE001 (numpy raises TypeError, ValueError... for non-dtypes)
+        dt = None
+    if dt is None:
+        raise HFError(f"{what}={dtype!r:.60} is not a dtype; pass one of {names} (or None).")
+    if dt not in allowed:
+        x64 = (
+            " (float64 needs jax.config.update('jax_enable_x64', True))" if dt == np.float64 else ""
+        )
+        raise HFError(
+            f"{what}={dtype!r:.60} ({dt}) is not a float dtype jlora computes in; pass one of "
+            f"{names} (or None){x64}."
+        )
+    return dt
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """The config.json of a HF model directory, with clear errors for what is not one.
+
+    Only the file's form is checked here (a JSON object with a string ``model_type``); the
+    architecture's ``ArchSpec.check_config`` checks its fields.
 
     Raises:
       HFError: ``path`` is not a directory, has no (readable) config.json, or no model_type.
     """
-    path = Path(path)
+    path = check_path(path)
     what = (
         "a Hugging Face model directory (what save_pretrained writes) holds config.json "
         "(with its model_type) and model.safetensors, or sharded "
@@ -45,12 +102,23 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise HFError(f"{str(path)!r} is not a directory; {what}")
     if not (path / "config.json").is_file():
         raise HFError(f"{str(path)!r} has no config.json; {what}")
+    file = str(path / "config.json")
     try:
-        config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise HFError(f"{str(path / 'config.json')!r} is not valid JSON ({e})") from None
+        config = json.loads((path / "config.json").read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFError(f"{file!r} is not valid JSON ({e})") from None
+    except (OSError, RecursionError) as e:
+        raise HFError(f"{file!r} cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(config, dict) or "model_type" not in config:
-        raise HFError(f"{str(path / 'config.json')!r} has no model_type; {what}")
+        raise HFError(f"{file!r} has no model_type; {what}")
+    if not isinstance(config["model_type"], str):
+        raise schema.bad(
+            HFError,
+            repr(file),
+            "model_type",
+            config["model_type"],
+            "a string naming the architecture (e.g. 'llama')",
+        )
     return config
 
 
@@ -70,11 +138,14 @@ def _listed(names) -> str:
 def load(path: str | os.PathLike, dtype: Any = None) -> tuple[Any, dict, dict[str, Any]]:
     """Builds the jlora model of a transformers checkpoint directory and loads its weights.
 
-    Every check (architecture, missing / unexpected tensors, shapes, truncated files) runs on
-    the safetensors headers before any weight is read (only a stored tied head is read early,
-    with its embedding, to compare them); then the tensors are read, converted and placed one
-    at a time, so host memory holds one full copy of the weights (the params) plus one tensor
-    in flight.
+    Checks run cheapest first, and all before any work: the arguments; config.json, field by
+    field (types, ranges, and features the model does not implement, see the architecture's
+    ``from_hf``); then the safetensors headers against the tensor names, counts and shapes
+    that config.json implies (missing / unexpected tensors, shapes, truncated files), before
+    the model is built or traced and before any weight is read (only a stored tied head is
+    read early, with its embedding, to compare them). Then the tensors are read, converted
+    and placed one at a time, so host memory holds one full copy of the weights (the params)
+    plus one tensor in flight.
 
     Tensors are matched by the param they fill (``spec.hf_to_params``), so checkpoints of a
     task model (``BertForMaskedLM``'s ``bert.`` prefix, GPT-2 with or without
@@ -101,71 +172,39 @@ def load(path: str | os.PathLike, dtype: Any = None) -> tuple[Any, dict, dict[st
       ``tie_word_embeddings: false`` where the checkpoint unties the head, see above).
 
     Raises:
-      HFError: not a HF model directory, an unsupported ``model_type``, missing or unexpected
-        tensors (missing ones named as the base model's transformers names), two tensors for
-        one param, a tensor whose shape does not fit the config, or a truncated file.
+      HFError: a ``path`` or ``dtype`` of the wrong kind (``dtype`` must be a float dtype);
+        not a HF model directory; an unsupported ``model_type``; a config.json field that is
+        missing, of the wrong type or value, or asks for what the model does not implement
+        (named with the file and the fix); missing or unexpected tensors (missing ones named
+        as the base model's transformers names), two tensors for one param, a tensor whose
+        shape does not fit the config, or a truncated file.
     """
-    path = Path(path)
+    path = check_path(path)
+    dtype = check_dtype(dtype)
     hf_config = read_config(path)
     spec = arch_spec(hf_config["model_type"])
+    spec.check_config(hf_config, repr(str(path / "config.json")))
+    # Cheap checks first: the headers against the sizes config.json gives, before any tensor
+    # is read (but a tied head's, below) and before the model is built or traced.
     index = checkpoint_index(path)
+    layers = spec.num_layers(hf_config)
+    if layers > len(index):  # every layer has tensors of its own: do not list them all
+        raise HFError(
+            f"the checkpoint in {str(path)!r} does not fit its config.json (model_type "
+            f"{hf_config['model_type']!r}): config.json gives {layers} layers, but the "
+            f"checkpoint holds {len(index)} tensors in all. Fix the layer count in config.json, "
+            "or use the config.json saved with these weights."
+        )
     layouts = {  # zero-memory placeholders in the params' layout: shapes only
         name: hf_layout_shape(spec.hf_to_params, name, shape=info.shape, dtype=info.dtype)
         for name, info in index.items()
     }
     hf_config = _untie_if_stored_apart(path, spec, hf_config, index, layouts)
+    plan, initialised = _match_tensors(path, spec, hf_config, index, layouts)
+
     model = spec.build(hf_config, dtype)
     shapes = param_shapes(model, spec, hf_config)
-
-    canonical = dict(_paths(spec, spec.expected_hf_keys(hf_config)))  # param path -> HF name
-    optional = spec.optional_hf_keys(hf_config)
-    plan: dict[ParamPath, str] = {}  # param path -> tensor name in the files
-    unexpected, mismatched, twice = [], [], []
-    for name, info in index.items():
-        converted = layouts[name]
-        if converted is None:
-            continue  # a buffer (rotary inv_freq) or a task head the base model lacks
-        param_path, array = converted
-        if param_path not in canonical or param_path not in shapes:
-            if name not in _TIED_HEADS:
-                unexpected.append(name)
-            # else: a tied head stored anyway, equal to the embedding (_untie_if_stored_apart)
-        elif param_path in plan:
-            twice.append(f"{plan[param_path]!r} and {name!r} are both {canonical[param_path]!r}")
-        elif tuple(array.shape) != tuple(shapes[param_path].shape):
-            want = hf_layout_shape(
-                spec.params_to_hf, param_path, shape=shapes[param_path].shape, dtype=np.float32
-            )
-            want_shape = dict((n, a.shape) for n, a in want).get(
-                canonical[param_path], shapes[param_path].shape
-            )
-            mismatched.append(
-                f"{name!r} has shape {tuple(info.shape)} in {info.file.name} but config.json "
-                f"implies {tuple(want_shape)}"
-            )
-        else:
-            plan[param_path] = name
-    absent = {canonical[p]: p for p in canonical if p not in plan}
-    initialised = {n: p for n, p in absent.items() if n in optional and p in shapes}
-    missing = set(absent) - set(initialised)
-    unfilled = set(shapes) - set(canonical)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_listed(missing)}")
-    if unfilled:
-        problems.append(f"params no tensor fills: {_listed('.'.join(p) for p in unfilled)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_listed(unexpected)}")
-    if twice:
-        problems.append("tensors for the same param: " + "; ".join(twice[:_MAX_LISTED]))
-    if mismatched:
-        problems.append("shape mismatch: " + "; ".join(mismatched[:_MAX_LISTED]))
-    if problems:
-        raise HFError(
-            f"the checkpoint in {str(path)!r} does not fit its config.json "
-            f"(model_type {hf_config['model_type']!r}): " + ". ".join(problems)
-        )
-
+    _check_traced(path, spec, hf_config, shapes, plan, initialised, layouts)
     flat = {}
     if initialised:
         flat.update(_init_params(model, spec, hf_config, list(initialised.values())))
@@ -186,6 +225,92 @@ def load(path: str | os.PathLike, dtype: Any = None) -> tuple[Any, dict, dict[st
         flat[param_path] = jnp.array(converted, dtype=shapes[param_path].dtype)
         del array, converted
     return model, {"params": unflatten_dict(flat)}, hf_config
+
+
+def _match_tensors(
+    path: Path,
+    spec: ArchSpec,
+    hf_config: Mapping[str, Any],
+    index: Mapping[str, TensorInfo],
+    layouts: Mapping[str, Any],
+) -> tuple[dict[ParamPath, str], dict[str, ParamPath]]:
+    """Matches the stored tensors to the params config.json implies, from headers alone.
+
+    Returns ``(plan, initialised)``: ``{param path: stored tensor name}`` and the optional
+    tensors the checkpoint lacks ``{canonical name: param path}``. Raises one
+    :class:`HFError` listing every missing, unexpected, doubled or misshapen tensor.
+    """
+    expected = spec.expected_hf_shapes(hf_config)
+    canonical = dict(_paths(spec, expected))  # param path -> HF name
+    optional = spec.optional_hf_keys(hf_config)
+    plan: dict[ParamPath, str] = {}  # param path -> tensor name in the files
+    unexpected, mismatched, twice, misshapen = [], [], [], set()
+    for name, info in index.items():
+        converted = layouts[name]
+        if converted is None:
+            continue  # a buffer (rotary inv_freq) or a task head the base model lacks
+        param_path = converted[0]
+        if param_path not in canonical:
+            if name not in _TIED_HEADS:
+                unexpected.append(name)
+            # else: a tied head stored anyway, equal to the embedding (_untie_if_stored_apart)
+        elif param_path in plan:
+            twice.append(f"{plan[param_path]!r} and {name!r} are both {canonical[param_path]!r}")
+        elif tuple(info.shape) != tuple(want := expected[canonical[param_path]]):
+            misshapen.add(param_path)
+            mismatched.append(
+                f"{name!r} has shape {tuple(info.shape)} in {info.file.name} but config.json "
+                f"implies {tuple(want)}"
+            )
+        else:
+            plan[param_path] = name
+    absent = {canonical[p]: p for p in canonical if p not in plan and p not in misshapen}
+    initialised = {n: p for n, p in absent.items() if n in optional}
+    missing = set(absent) - set(initialised)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_listed(unexpected)}")
+    if twice:
+        problems.append("tensors for the same param: " + "; ".join(twice[:_MAX_LISTED]))
+    if mismatched:
+        problems.append("shape mismatch: " + "; ".join(mismatched[:_MAX_LISTED]))
+    if problems:
+        raise HFError(
+            f"the checkpoint in {str(path)!r} does not fit its config.json "
+            f"(model_type {hf_config['model_type']!r}): " + ". ".join(problems)
+        )
+    return plan, initialised
+
+
+def _check_traced(
+    path: Path,
+    spec: ArchSpec,
+    hf_config: Mapping[str, Any],
+    shapes: Mapping[ParamPath, Any],
+    plan: Mapping[ParamPath, str],
+    initialised: Mapping[str, ParamPath],
+    layouts: Mapping[str, Any],
+) -> None:
+    """The traced params agree with what the headers were checked against (a spec's promise:
+    a failure here is a bug in the architecture's ``expected_hf_shapes``)."""
+    filled = set(plan) | set(initialised.values())
+    problems = []
+    if unfilled := set(shapes) - filled:
+        problems.append(f"params no tensor fills: {_listed('.'.join(p) for p in unfilled)}")
+    if absent := filled - set(shapes):
+        problems.append(f"tensors for no param: {_listed('.'.join(p) for p in absent)}")
+    for param_path, name in plan.items():
+        got = tuple(layouts[name][1].shape)
+        if param_path in shapes and got != tuple(shapes[param_path].shape):
+            problems.append(f"{name!r} gives {got} for a param of shape {shapes[param_path].shape}")
+    if problems:
+        raise HFError(
+            f"the checkpoint in {str(path)!r} passed its header checks but the model "
+            f"jlora builds for model_type {hf_config['model_type']!r} differs (a jlora bug, "
+            "please report it): " + ". ".join(problems[:_MAX_LISTED])
+        )
 
 
 def _untie_if_stored_apart(
@@ -212,7 +337,10 @@ def _untie_if_stored_apart(
         stored = [n for n, c in layouts.items() if c is not None and c[0] == source_path]
         if len(stored) != 1:
             continue  # the embedding is missing or stored twice: load reports it
-        if np.array_equal(read_tensor(index[stored[0]]), read_tensor(index[head])):
+        emb, stored_head = index[stored[0]], index[head]
+        if emb.shape == stored_head.shape and np.array_equal(
+            read_tensor(emb), read_tensor(stored_head)
+        ):
             continue
         logger.warning(
             "%s: config.json ties %r to %r (tie_word_embeddings %s), but the checkpoint stores "
@@ -254,4 +382,4 @@ def _paths(spec: ArchSpec, names) -> list[tuple[ParamPath, str]]:
     return out
 
 
-__all__ = ["load", "param_shapes", "read_config"]
+__all__ = ["check_dtype", "check_path", "load", "param_shapes", "read_config"]

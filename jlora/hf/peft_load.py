@@ -20,6 +20,7 @@ from jlora import paths as P
 from jlora.config import LoraConfig
 from jlora.errors import ConfigError, HFError, ShapeError, TargetError
 from jlora.hf.io import TensorInfo, read_header, read_tensor
+from jlora.hf.load import check_dtype, check_path
 from jlora.hf.peft_layout import (
     BASE_LAYER_KEY,
     CONFIG_FILE,
@@ -46,9 +47,12 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not (path / CONFIG_FILE).is_file():
         raise HFError(f"{str(path)!r} has no {CONFIG_FILE}; {what}.")
     try:
-        d = json.loads((path / CONFIG_FILE).read_text())
+        d = json.loads((path / CONFIG_FILE).read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HFError(f"{str(path / CONFIG_FILE)!r} is not valid JSON ({e}).") from None
+    except (OSError, RecursionError) as e:
+        why = f"{type(e).__name__}: {e}"
+        raise HFError(f"{str(path / CONFIG_FILE)!r} cannot be read ({why}).") from None
     if not isinstance(d, dict):
         raise HFError(f"{str(path / CONFIG_FILE)!r} is not a JSON object; {what}.")
     if not (path / WEIGHTS_FILE).is_file():
@@ -96,8 +100,11 @@ def load_peft(
       adapter's :class:`jlora.LoraConfig`.
 
     Raises:
-      HFError: not an adapter directory, missing or unexpected tensors, a truncated file.
-      ConfigError: another ``peft_type`` or a LoRA feature jlora does not reproduce.
+      HFError: a ``path`` or ``dtype`` of the wrong kind (``dtype`` must be a float dtype),
+        not an adapter directory, missing or unexpected tensors, a truncated file.
+      ConfigError: an ``adapter_config.json`` field of the wrong type or value, another
+        ``peft_type``, or a LoRA feature jlora does not reproduce (see
+        :meth:`jlora.LoraConfig.from_peft`), named with the file and the fix.
       TargetError: the adapter's target modules are absent from this model.
       ShapeError: a tensor whose shape does not fit its module's kernel and rank.
 
@@ -111,13 +118,16 @@ def load_peft(
       >>> params["q"]["kernel_lora_b"].shape, config.rank
       ((2, 6), 2)
     """
-    path = Path(path)
+    path = check_path(path)
+    dtype = check_dtype(dtype)
     d = _read_config(path)
+    source = repr(str(path / CONFIG_FILE))
+    config = LoraConfig.from_peft(d, source=source)  # every field checked before any work
     tree = P.params_of(params)
     leaves = module_leaves(tree)
     # PEFT ties an adapter on lm_head to the input embedding's (ensure_weight_tying); jlora's
     # tied head (no lm_head param) reads the embedding's adapter by itself.
-    tie = bool(d.get("ensure_weight_tying")) and TIED_HEAD not in leaves
+    tie = d.get("ensure_weight_tying", False) and TIED_HEAD not in leaves
     head_patterns = {}
     if tie:
         d = dict(d)
@@ -125,7 +135,7 @@ def load_peft(
             pattern = dict(d.get(name) or {})
             head_patterns[name] = pattern.pop(TIED_HEAD, None)
             d[name] = pattern
-    config = LoraConfig.from_peft(d)
+        config = LoraConfig.from_peft(d, source=source)
     index = read_header(path / WEIGHTS_FILE)
     adapted = sorted(p for p, _ in P.leaves_with_paths(tree) if P.is_adapter_name(p))
     if adapted:

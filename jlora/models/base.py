@@ -29,13 +29,21 @@ class ArchSpec:
 
     Attributes:
       model_types: the ``model_type`` values of config.json this spec serves.
+      check_config: ``(hf_config, source) -> None``: checks every config.json field the model
+        reads, with its type and range, and rejects features the model does not implement;
+        raises :class:`~jlora.errors.HFError` naming ``source`` (the file), the field and the
+        fix. Cheap: no tracing, no arrays, nothing that grows with the sizes it reads. Every
+        other function here may assume a config that passed it.
+      num_layers: ``(hf_config) -> int``, the number of layers (each has tensors of its own,
+        so a checkpoint holding fewer tensors than this cannot fit).
       build: ``(hf_config: dict, dtype) -> flax.linen.Module``.
       hf_to_params: ``(hf_tensor_name, array) -> (param path, array) | None``; ``None`` for
         tensors transformers stores but the model does not use (buffers).
       params_to_hf: ``(param path, array) -> list[(hf_tensor_name, array)]``; the inverse,
         an empty list for nothing to write (a tied head).
-      expected_hf_keys: ``(hf_config) -> set[str]`` of tensor names a complete checkpoint
-        must hold (used to report missing / unexpected tensors).
+      expected_hf_shapes: ``(hf_config) -> {tensor name: shape}`` of the tensors a complete
+        checkpoint holds, in transformers' layout, from the config alone (no tracing):
+        ``hf.load`` checks the safetensors headers against it before building the model.
       auto_class: the transformers Auto class that loads a saved model.
       fan_in_fan_out: dotted module-name suffixes whose HF weight is stored (in, out)
         (GPT-2's Conv1D); PEFT export sets ``fan_in_fan_out: true`` for them.
@@ -47,11 +55,17 @@ class ArchSpec:
     """
 
     model_types: tuple[str, ...]
+    check_config: Callable[[Mapping[str, Any], str], Any]
+    num_layers: Callable[[Mapping[str, Any]], int]
     build: Callable[[Mapping[str, Any], Any], Any]
     hf_to_params: Callable[[str, np.ndarray], tuple[ParamPath, np.ndarray] | None]
     params_to_hf: Callable[[ParamPath, np.ndarray], list[tuple[str, np.ndarray]]]
-    expected_hf_keys: Callable[[Mapping[str, Any]], set[str]]
+    expected_hf_shapes: Callable[[Mapping[str, Any]], dict[str, tuple[int, ...]]]
     auto_class: str
     example_inputs: Callable[[Mapping[str, Any]], tuple]
     fan_in_fan_out: tuple[str, ...] = field(default=())
     optional_hf_keys: Callable[[Mapping[str, Any]], set[str]] = field(default=_none_optional)
+
+    def expected_hf_keys(self, hf_config: Mapping[str, Any]) -> set[str]:
+        """The tensor names a complete checkpoint holds (the keys of ``expected_hf_shapes``)."""
+        return set(self.expected_hf_shapes(hf_config))

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.errors import HFError
+from jlora import schema
 from jlora.models import common
 from jlora.models.base import ArchSpec, ParamPath
 
@@ -35,7 +35,8 @@ class BertConfig:
     """The fields of a BERT ``config.json`` that change the math.
 
     Example:
-      >>> BertConfig.from_hf({"hidden_size": 32, "num_attention_heads": 4}).head_dim
+      >>> sizes = dict(vocab_size=50, hidden_size=32, num_attention_heads=4, num_hidden_layers=2)
+      >>> BertConfig.from_hf({**sizes, "intermediate_size": 64}).head_dim
       8
     """
 
@@ -62,17 +63,47 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_hf(cls, hf_config: Mapping[str, Any]) -> BertConfig:
-        """Reads the fields this model uses from a ``config.json`` dict; others are ignored."""
-        kind = hf_config.get("position_embedding_type", "absolute")
-        if kind != "absolute":
-            raise HFError(
-                f"BERT position_embedding_type={kind!r} is not supported; jlora's BERT has "
-                "absolute position embeddings only."
-            )
-        if hf_config.get("is_decoder") or hf_config.get("add_cross_attention"):
-            raise HFError("BERT as a decoder (is_decoder / add_cross_attention) is not supported.")
-        return common.dataclass_from_hf(cls, hf_config)
+    def from_hf(cls, hf_config: Mapping[str, Any], source: str = "config.json") -> BertConfig:
+        """Reads a ``config.json`` dict: the fields this model uses, checked, and those that
+        would switch on what it does not implement (relative positions, a decoder...).
+
+        Raises:
+          HFError: naming ``source``, the field and the fix.
+        """
+        return common.dataclass_from_hf(
+            cls, hf_config, _FIELDS, source, ("hidden_size", "num_attention_heads")
+        )
+
+
+# The config.json fields the model reads (or that change its math), with transformers' defaults.
+_FIELDS: dict[str, schema.Field] = {
+    "vocab_size": schema.integer(),
+    "hidden_size": schema.integer(),
+    "num_hidden_layers": schema.integer(),
+    "num_attention_heads": schema.integer(),
+    "intermediate_size": schema.integer(),
+    "hidden_act": schema.choice(*_ACTIVATIONS, default="gelu"),
+    "max_position_embeddings": schema.integer(default=512),
+    "type_vocab_size": schema.integer(default=2),
+    "layer_norm_eps": schema.float32(default=1e-12),
+    "hidden_dropout_prob": schema.number(0, 1, default=0.1),
+    "attention_probs_dropout_prob": schema.number(0, 1, default=0.1),
+    "add_pooling_layer": schema.boolean(default=True),
+    "position_embedding_type": schema.choice(
+        "absolute",
+        default="absolute",
+        null=True,
+        want="'absolute' (jlora's BERT has absolute position embeddings only)",
+        fix="use transformers for relative position embeddings",
+    ),
+    "is_decoder": schema.unsupported(
+        "jlora's BERT is an encoder", "use transformers for BERT as a decoder"
+    ),
+    "add_cross_attention": schema.unsupported(
+        "jlora's BERT has no cross-attention", "use transformers for BERT as a decoder"
+    ),
+    **common.UNSUPPORTED,
+}
 
 
 class BertOutput(NamedTuple):
@@ -285,22 +316,34 @@ def _params_to_hf(path: ParamPath, array: np.ndarray) -> list[tuple[str, np.ndar
     return common.linear_params_to_hf("BERT", path, array)
 
 
-def _expected_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
+def _expected_hf_shapes(hf_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     cfg = BertConfig.from_hf(hf_config)
-    both = lambda m: {f"{m}.weight", f"{m}.bias"}
-    keys = {f"embeddings.{e}_embeddings.weight" for e in ("word", "position", "token_type")}
-    keys |= both("embeddings.LayerNorm")
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    shapes = {}
+
+    def module(name, out, inp=None):  # an nn.Linear (out, in) or a LayerNorm (out,)
+        shapes[f"{name}.weight"] = (out,) if inp is None else (out, inp)
+        shapes[f"{name}.bias"] = (out,)
+
+    for kind, rows in [
+        ("word", cfg.vocab_size),
+        ("position", cfg.max_position_embeddings),
+        ("token_type", cfg.type_vocab_size),
+    ]:
+        shapes[f"embeddings.{kind}_embeddings.weight"] = (rows, h)
+    module("embeddings.LayerNorm", h)
     for i in range(cfg.num_hidden_layers):
         p = f"encoder.layer.{i}."
-        for m in ("attention.self.query", "attention.self.key", "attention.self.value"):
-            keys |= both(p + m)
-        for m in ("attention.output.dense", "attention.output.LayerNorm"):
-            keys |= both(p + m)
-        for m in ("intermediate.dense", "output.dense", "output.LayerNorm"):
-            keys |= both(p + m)
+        for m in ("query", "key", "value"):
+            module(f"{p}attention.self.{m}", h, h)
+        module(f"{p}attention.output.dense", h, h)
+        module(f"{p}attention.output.LayerNorm", h)
+        module(f"{p}intermediate.dense", inter, h)
+        module(f"{p}output.dense", h, inter)
+        module(f"{p}output.LayerNorm", h)
     if cfg.add_pooling_layer:
-        keys |= both("pooler.dense")
-    return keys
+        module("pooler.dense", h, h)
+    return shapes
 
 
 def _optional_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
@@ -321,10 +364,12 @@ def _example_inputs(hf_config: Mapping[str, Any]) -> tuple:
 
 SPEC = ArchSpec(
     model_types=("bert",),
+    check_config=BertConfig.from_hf,
+    num_layers=lambda hf_config: BertConfig.from_hf(hf_config).num_hidden_layers,
     build=_build,
     hf_to_params=_hf_to_params,
     params_to_hf=_params_to_hf,
-    expected_hf_keys=_expected_hf_keys,
+    expected_hf_shapes=_expected_hf_shapes,
     auto_class="AutoModel",
     example_inputs=_example_inputs,
     optional_hf_keys=_optional_hf_keys,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import schema
 from jlora.errors import HFError
 from jlora.models.base import ParamPath
 
@@ -41,6 +42,18 @@ def activations(*names: str) -> dict[str, Callable]:
     return {n: _ALL_ACTIVATIONS[n] for n in names}
 
 
+# config.json fields of any architecture that switch on what jlora's models do not implement.
+UNSUPPORTED: dict[str, schema.Field] = {
+    "quantization_config": schema.unsupported(
+        "jlora loads unquantized checkpoints only",
+        "load it in transformers, call model.dequantize() and save_pretrained the result",
+    ),
+    "pruned_heads": schema.unsupported(
+        "jlora's models keep every attention head", "save the model before pruning its heads"
+    ),
+}
+
+
 def check_heads(arch: str, config: Any, hidden: str, heads: str) -> None:
     """Raises :class:`HFError` unless field ``hidden`` of ``config`` divides by ``heads``."""
     h, n = getattr(config, hidden), getattr(config, heads)
@@ -55,19 +68,39 @@ def check_activation(arch: str, config: Any, field: str, table: Mapping[str, Cal
         raise HFError(f"{arch} {field}={act!r} is not supported; use one of {sorted(table)}.")
 
 
-def dataclass_from_hf(cls: type[_T], hf_config: Mapping[str, Any]) -> _T:
-    """``cls(**fields)`` from the config.json entries named like its fields (``None`` skipped).
+def dataclass_from_hf(
+    cls: type[_T],
+    hf_config: Mapping[str, Any],
+    fields: Mapping[str, schema.Field],
+    source: str,
+    divides: tuple[str, str] | None = None,
+) -> _T:
+    """``cls(**values)`` from the config.json entries ``fields`` checks (:func:`schema.read`).
+
+    Only the entries named like a field of ``cls`` are passed to it. ``divides=(a, b)``: the
+    value of ``b`` must divide that of ``a`` (heads that split the hidden size).
 
     Example:
       >>> import dataclasses
       >>> @dataclasses.dataclass
       ... class C:
       ...     n: int = 1
-      >>> dataclass_from_hf(C, {"n": 3, "other": 0, "m": None})
+      >>> dataclass_from_hf(C, {"n": 3, "other": 0}, {"n": schema.integer()}, "config.json")
       C(n=3)
+      >>> dataclass_from_hf(C, {"n": "3"}, {"n": schema.integer()}, "config.json")
+      Traceback (most recent call last):
+      ...
+      jlora.errors.HFError: config.json: n='3' (a string) must be a positive int; ...
     """
+    values = schema.read(hf_config, fields, source=source, error=HFError)
+    if divides is not None:
+        whole, part = divides
+        if values[whole] % values[part]:
+            raise schema.bad(
+                HFError, source, part, values[part], f"a divisor of {whole}={values[whole]}"
+            )
     names = cls.__dataclass_fields__  # type: ignore[attr-defined]
-    return cls(**{k: v for k, v in hf_config.items() if k in names and v is not None})
+    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def softmax_attend(scores, v, mask, dropout: Callable):

@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.errors import HFError, JloraError
+from jlora import schema
+from jlora.errors import JloraError
 from jlora.models import common
 from jlora.models.base import ArchSpec, ParamPath
 
@@ -35,7 +36,7 @@ class GPT2Config:
     """The fields of a GPT-2 ``config.json`` that change the math.
 
     Example:
-      >>> GPT2Config.from_hf({"n_embd": 32, "n_head": 4, "n_layer": 2}).head_dim
+      >>> GPT2Config.from_hf({"vocab_size": 50, "n_embd": 32, "n_head": 4, "n_layer": 2}).head_dim
       8
     """
 
@@ -69,11 +70,42 @@ class GPT2Config:
         return self.n_inner or 4 * self.n_embd
 
     @classmethod
-    def from_hf(cls, hf_config: Mapping[str, Any]) -> GPT2Config:
-        """Reads the fields this model uses from a ``config.json`` dict; others are ignored."""
-        if hf_config.get("add_cross_attention"):
-            raise HFError("GPT-2 with add_cross_attention is not supported by jlora.")
-        return common.dataclass_from_hf(cls, hf_config)
+    def from_hf(cls, hf_config: Mapping[str, Any], source: str = "config.json") -> GPT2Config:
+        """Reads a ``config.json`` dict: the fields this model uses, checked, and those that
+        would switch on what it does not implement (cross-attention, quantization...).
+
+        transformers' other names of the sizes (``hidden_size``, ``num_attention_heads``,
+        ``num_hidden_layers``, ``max_position_embeddings``) are read too.
+
+        Raises:
+          HFError: naming ``source``, the field and the fix.
+        """
+        return common.dataclass_from_hf(cls, hf_config, _FIELDS, source, ("n_embd", "n_head"))
+
+
+_PROBABILITY = schema.number(0, 1, default=0.1)
+# The config.json fields the model reads (or that change its math), with transformers' defaults.
+_FIELDS: dict[str, schema.Field] = {
+    "vocab_size": schema.integer(),
+    "n_embd": schema.integer(aliases=("hidden_size",)),
+    "n_layer": schema.integer(aliases=("num_hidden_layers",)),
+    "n_head": schema.integer(aliases=("num_attention_heads",)),
+    "n_positions": schema.integer(default=1024, aliases=("max_position_embeddings",)),
+    "n_inner": schema.integer(default=None, null=True),
+    "activation_function": schema.choice(*_ACTIVATIONS, default="gelu_new"),
+    "layer_norm_epsilon": schema.float32(default=1e-5),
+    "scale_attn_weights": schema.boolean(default=True),
+    "scale_attn_by_inverse_layer_idx": schema.boolean(default=False),
+    "reorder_and_upcast_attn": schema.boolean(default=False),  # scores are float32 here anyway
+    "tie_word_embeddings": schema.boolean(default=True),
+    "embd_pdrop": _PROBABILITY,
+    "attn_pdrop": _PROBABILITY,
+    "resid_pdrop": _PROBABILITY,
+    "add_cross_attention": schema.unsupported(
+        "jlora's GPT-2 has no cross-attention", "use transformers for encoder-decoder GPT-2"
+    ),
+    **common.UNSUPPORTED,
+}
 
 
 def _attend(q, k, v, mask, scale, dropout, deterministic):
@@ -308,16 +340,29 @@ def _params_to_hf(path: ParamPath, array: np.ndarray) -> list[tuple[str, np.ndar
     return common.linear_params_to_hf("GPT-2", path, array)
 
 
-def _expected_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
+def _expected_hf_shapes(hf_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     cfg = GPT2Config.from_hf(hf_config)
-    keys = {f"{_PREFIX}{m}.weight" for m in ("wte", "wpe")}
-    keys |= {f"{_PREFIX}ln_f.{p}" for p in ("weight", "bias")}
+    d, inner = cfg.n_embd, cfg.inner_dim
+    shapes = {
+        f"{_PREFIX}wte.weight": (cfg.vocab_size, d),
+        f"{_PREFIX}wpe.weight": (cfg.n_positions, d),
+    }
+    shapes |= {f"{_PREFIX}ln_f.weight": (d,), f"{_PREFIX}ln_f.bias": (d,)}
     for i in range(cfg.n_layer):
-        for m in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
-            keys |= {f"{_PREFIX}h.{i}.{m}.{p}" for p in ("weight", "bias")}
+        for m, fan_in, fan_out in [  # Conv1D weights are (in, out)
+            ("ln_1", None, d),
+            ("attn.c_attn", d, 3 * d),
+            ("attn.c_proj", d, d),
+            ("ln_2", None, d),
+            ("mlp.c_fc", d, inner),
+            ("mlp.c_proj", inner, d),
+        ]:
+            p = f"{_PREFIX}h.{i}.{m}"
+            shapes[f"{p}.weight"] = (fan_out,) if fan_in is None else (fan_in, fan_out)
+            shapes[f"{p}.bias"] = (fan_out,)
     if not cfg.tie_word_embeddings:
-        keys.add("lm_head.weight")
-    return keys
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    return shapes
 
 
 def _build(hf_config: Mapping[str, Any], dtype: Any = None) -> GPT2LMHeadModel:
@@ -330,10 +375,12 @@ def _example_inputs(hf_config: Mapping[str, Any]) -> tuple:
 
 SPEC = ArchSpec(
     model_types=("gpt2",),
+    check_config=GPT2Config.from_hf,
+    num_layers=lambda hf_config: GPT2Config.from_hf(hf_config).n_layer,
     build=_build,
     hf_to_params=_hf_to_params,
     params_to_hf=_params_to_hf,
-    expected_hf_keys=_expected_hf_keys,
+    expected_hf_shapes=_expected_hf_shapes,
     auto_class="AutoModelForCausalLM",
     example_inputs=_example_inputs,
     fan_in_fan_out=("c_attn", "c_proj", "c_fc"),

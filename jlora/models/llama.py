@@ -18,12 +18,116 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import schema
 from jlora.errors import HFError
 from jlora.models import common
 from jlora.models.base import ArchSpec, ParamPath
-from jlora.models.rope import rope_inv_freq
+from jlora.models.rope import inv_freq, rope_inv_freq, rope_parameters
 
 _ACTIVATIONS = common.activations("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+# The config.json fields the model reads (or that change its math), with transformers' defaults.
+_FIELDS: dict[str, schema.Field] = {
+    "vocab_size": schema.integer(),
+    "hidden_size": schema.integer(),
+    "intermediate_size": schema.integer(),
+    "num_hidden_layers": schema.integer(),
+    "num_attention_heads": schema.integer(),
+    "num_key_value_heads": schema.integer(default=None, null=True),
+    "head_dim": schema.integer(default=None, null=True),
+    "rms_norm_eps": schema.float32(default=1e-6),
+    "hidden_act": schema.choice(*_ACTIVATIONS, default="silu"),
+    "tie_word_embeddings": schema.boolean(default=False),
+    "initializer_range": schema.float32(lo_open=False, default=0.02),
+    "attention_dropout": schema.Field(
+        "0 (jlora's Llama-family model has no attention dropout)",
+        lambda v: schema.is_number(v) and v == 0,
+        default=0.0,
+        null=True,
+        fix="set it to 0.0, or train with transformers",
+    ),
+    "pretraining_tp": schema.integer(default=1, null=True),  # no effect on the math
+    **common.UNSUPPORTED,
+}
+_WINDOW = schema.or_null(schema.integer(default=4096))
+_BY_TYPE: dict[str, dict[str, schema.Field]] = {  # what each model_type reads beside _FIELDS
+    "llama": {
+        "max_position_embeddings": schema.integer(default=2048),
+        "attention_bias": schema.boolean(default=False),
+        "mlp_bias": schema.boolean(default=False),
+    },
+    "mistral": {
+        "max_position_embeddings": schema.integer(default=131072),
+        "sliding_window": _WINDOW,
+    },
+    "qwen2": {
+        "max_position_embeddings": schema.integer(default=32768),
+        "use_sliding_window": schema.boolean(default=False),
+        "sliding_window": _WINDOW,
+        "max_window_layers": schema.integer(0, default=28),
+        "layer_types": schema.Field(
+            f"a list of {' / '.join(map(repr, _LAYER_TYPES))}, one per layer",
+            lambda v: isinstance(v, list) and all(t in _LAYER_TYPES for t in v),
+            default=None,
+            null=True,
+        ),
+    },
+}
+
+
+def _read(hf: Mapping[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """The checked config.json fields with what follows from them (head_dim, window, rope).
+
+    Cheap (nothing here grows with the sizes it reads), so ``hf.load`` runs it before looking
+    at any tensor; raises :class:`HFError` naming ``source``, the field and the fix.
+    """
+    model_type = hf.get("model_type", "llama")
+    fields = {**_FIELDS, **_BY_TYPE.get(model_type, _BY_TYPE["llama"])}
+    v = schema.read(hf, fields, source=source, error=HFError)
+    n, heads = v["num_hidden_layers"], v["num_attention_heads"]
+    bad = lambda field, want: schema.bad(HFError, source, field, v[field], want)
+    if v["head_dim"] is None:
+        if v["hidden_size"] % heads:
+            raise bad("num_attention_heads", f"a divisor of hidden_size={v['hidden_size']}"
+                      " (or set head_dim)")  # fmt: skip
+        v["head_dim"] = v["hidden_size"] // heads
+    elif v["head_dim"] % 2:
+        raise bad("head_dim", "even (rotary embeddings rotate pairs of features)")
+    kv_heads = v["num_key_value_heads"] = v["num_key_value_heads"] or heads
+    if heads % kv_heads:
+        raise bad("num_key_value_heads", f"a divisor of num_attention_heads={heads}")
+    window = v.get("sliding_window")
+    if model_type == "qwen2":
+        window = window if v["use_sliding_window"] else None
+        if v["layer_types"] is not None and len(v["layer_types"]) != n:
+            raise bad("layer_types", f"a list of {n} entries (num_hidden_layers), one per layer")
+    v["model_type"] = model_type
+    v["window"] = window
+    # Qwen2 has q/k/v biases, Mistral none, Llama what attention_bias / mlp_bias say.
+    attention_bias = v.get("attention_bias", False)
+    v["qkv_bias"], v["o_bias"] = (True, False) if model_type == "qwen2" else (attention_bias,) * 2
+    v["mlp_bias"] = v.get("mlp_bias", False)
+    v["rope"] = rope_parameters(hf, source, v["max_position_embeddings"])
+    return v
+
+
+def _windows(v: Mapping[str, Any]) -> tuple[int | None, ...] | None:
+    """The attention window of each layer (``None`` for none), or ``None`` when no layer has one.
+
+    Qwen2 windows the layers ``layer_types`` names ``sliding_attention`` (by default those from
+    ``max_window_layers`` on); Mistral every layer; Llama none, as in transformers.
+    """
+    window, n = v["window"], v["num_hidden_layers"]
+    if window is None:
+        return None
+    if v["model_type"] == "mistral":
+        return (window,) * n
+    types = v["layer_types"]
+    if types is None:
+        types = [_LAYER_TYPES[i >= v["max_window_layers"]] for i in range(n)]
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    return windows if any(w is not None for w in windows) else None
 
 
 @dataclass(frozen=True)
@@ -55,46 +159,18 @@ class DecoderConfig:
         common.check_activation("Llama-family", self, "hidden_act", _ACTIVATIONS)
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> DecoderConfig:
-        """Reads a transformers config.json dict (llama, mistral or qwen2)."""
-        model_type = hf.get("model_type")
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        kv_heads = hf.get("num_key_value_heads") or heads
-        if heads % kv_heads:
-            raise HFError(
-                f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
-            )
-        n = hf["num_hidden_layers"]
-        window, layer_types = hf.get("sliding_window"), hf.get("layer_types")
-        if hf.get("use_sliding_window") is False:  # qwen2 keeps a sliding_window it ignores
-            window = None
-        windows = tuple(
-            window if layer_types is None or layer_types[i] == "sliding_attention" else None
-            for i in range(n)
-        )
-        if model_type == "qwen2":
-            qkv_bias, o_bias = True, False
-        else:
-            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-        return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=n,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_inv_freq=tuple(float(f) for f in rope_inv_freq(hf, head_dim)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            hidden_act=hf.get("hidden_act", "silu"),
-            sliding_windows=windows if any(w is not None for w in windows) else None,
-            initializer_range=hf.get("initializer_range", 0.02),
-        )
+    def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json") -> DecoderConfig:
+        """Reads a transformers config.json dict (llama, mistral or qwen2).
+
+        Raises:
+          HFError: naming ``source``, the field and the fix: a missing or mistyped field, an
+            impossible value (heads that do not divide, a negative epsilon...), or what the
+            model does not implement (another rope type, attention dropout, quantization...).
+        """
+        v = _read(hf, source)
+        v["sliding_windows"] = _windows(v)
+        v["rope_inv_freq"] = tuple(float(f) for f in inv_freq(v["rope"], v["head_dim"], source))
+        return cls(**{k: x for k, x in v.items() if k in cls.__dataclass_fields__})
 
 
 class RMSNorm(nn.Module):
@@ -338,28 +414,30 @@ def _params_to_hf(path: ParamPath, array: np.ndarray) -> list[tuple[str, np.ndar
     return common.linear_params_to_hf("Llama-family model", path, array)
 
 
-def _expected_hf_keys(hf_config: Mapping[str, Any]) -> set[str]:
-    c = DecoderConfig.from_hf(hf_config)
-    keys = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not c.tie_word_embeddings:
-        keys.add("lm_head.weight")
-    for i in range(c.num_hidden_layers):
+def _expected_hf_shapes(hf_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    v = _read(hf_config)
+    h, inter, vocab = v["hidden_size"], v["intermediate_size"], v["vocab_size"]
+    q, kv = v["num_attention_heads"] * v["head_dim"], v["num_key_value_heads"] * v["head_dim"]
+    shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    if not v["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, h)
+    for i in range(v["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        keys |= {f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"}
-        for proj, bias in [
-            ("q", c.qkv_bias),
-            ("k", c.qkv_bias),
-            ("v", c.qkv_bias),
-            ("o", c.o_bias),
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            shapes[f"{p}.{norm}.weight"] = (h,)
+        for name, out, inp, bias in [
+            ("self_attn.q_proj", q, h, v["qkv_bias"]),
+            ("self_attn.k_proj", kv, h, v["qkv_bias"]),
+            ("self_attn.v_proj", kv, h, v["qkv_bias"]),
+            ("self_attn.o_proj", h, q, v["o_bias"]),
+            ("mlp.gate_proj", inter, h, v["mlp_bias"]),
+            ("mlp.up_proj", inter, h, v["mlp_bias"]),
+            ("mlp.down_proj", h, inter, v["mlp_bias"]),
         ]:
-            keys.add(f"{p}.self_attn.{proj}_proj.weight")
+            shapes[f"{p}.{name}.weight"] = (out, inp)
             if bias:
-                keys.add(f"{p}.self_attn.{proj}_proj.bias")
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            keys.add(f"{p}.mlp.{proj}.weight")
-            if c.mlp_bias:
-                keys.add(f"{p}.mlp.{proj}.bias")
-    return keys
+                shapes[f"{p}.{name}.bias"] = (out,)
+    return shapes
 
 
 def _example_inputs(hf_config: Mapping[str, Any]) -> tuple:
@@ -368,10 +446,12 @@ def _example_inputs(hf_config: Mapping[str, Any]) -> tuple:
 
 SPEC = ArchSpec(
     model_types=("llama", "mistral", "qwen2"),
+    check_config=_read,
+    num_layers=lambda hf_config: _read(hf_config)["num_hidden_layers"],
     build=_build,
     hf_to_params=_hf_to_params,
     params_to_hf=_params_to_hf,
-    expected_hf_keys=_expected_hf_keys,
+    expected_hf_shapes=_expected_hf_shapes,
     auto_class="AutoModelForCausalLM",
     example_inputs=_example_inputs,
 )
