@@ -8,9 +8,9 @@
 No torch is needed for any of these.
 """
 
-from jlora.hf.io import atomic_dir
 from jlora.hf.load import load
 from jlora.hf.merged import save_merged
+from jlora.hf.output import atomic_dir
 from jlora.hf.peft import load_peft, save_peft
 
 __all__ = ["atomic_dir", "load", "load_peft", "save_merged", "save_peft"]

@@ -15,8 +15,9 @@ from flax.core import meta
 
 from jlora import paths as P
 from jlora.errors import HFError
-from jlora.hf.io import LazyTensor, atomic_dir, hf_layout_shape, write_weights
+from jlora.hf.io import LazyTensor, hf_layout_shape, write_weights
 from jlora.hf.load import param_shapes
+from jlora.hf.output import atomic_dir
 from jlora.merge import fold_modules
 from jlora.models import arch_spec
 

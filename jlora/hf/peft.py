@@ -21,7 +21,8 @@ import numpy as np
 from jlora import paths as P
 from jlora.config import LoraConfig
 from jlora.errors import ConfigError, HFError, TargetError
-from jlora.hf.io import atomic_dir, write_safetensors
+from jlora.hf.io import write_safetensors
+from jlora.hf.output import atomic_dir
 from jlora.hf.peft_layout import (
     CONFIG_FILE,
     KERNEL_KEYS,

@@ -16,7 +16,6 @@ from jlora.hf.io import (
     INDEX_FILE,
     SINGLE_FILE,
     LazyTensor,
-    atomic_dir,
     checkpoint_index,
     iter_tensors,
     parse_size,
@@ -24,6 +23,7 @@ from jlora.hf.io import (
     write_weights,
 )
 from jlora.hf.load import load
+from jlora.hf.output import atomic_dir
 
 
 @pytest.fixture(scope="module")
