@@ -19,6 +19,7 @@ __all__ = [
     "KeyTypeError",
     "UnconsumedAdapterError",
     "HFError",
+    "OutputPathError",
     "CheckpointError",
     "MeshError",
     "TrainingError",
@@ -78,6 +79,15 @@ class UnconsumedAdapterError(JloraError, RuntimeError):
 
 class HFError(JloraError, ValueError):
     """A Hugging Face directory, safetensors file or PEFT adapter cannot be read or written."""
+
+
+class OutputPathError(HFError):
+    """A save's target directory is not one jlora may write to (it would lose files there).
+
+    Raised before anything is written: the current directory or a parent of it, a base
+    model's directory, or a directory holding other files (without ``overwrite=True``).
+    The message names the path, the reason and the fix.
+    """
 
 
 class CheckpointError(JloraError, ValueError):

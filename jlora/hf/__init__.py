@@ -5,12 +5,14 @@
   ``adapter_model.safetensors``.
 * :func:`save_merged` writes a directory that ``transformers`` loads with ``from_pretrained``.
 
-No torch is needed for any of these.
+The savers never destroy: they never write into a base model, refuse the current directory
+and directories holding other files unless told ``overwrite=True``, replace only the files
+they write, and survive a crash at any instant (:mod:`jlora.hf.output`). No torch is needed
+for any of these.
 """
 
 from jlora.hf.load import load
 from jlora.hf.merged import save_merged
-from jlora.hf.output import atomic_dir
 from jlora.hf.peft import load_peft, save_peft
 
-__all__ = ["atomic_dir", "load", "load_peft", "save_merged", "save_peft"]
+__all__ = ["load", "load_peft", "save_merged", "save_peft"]

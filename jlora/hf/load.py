@@ -17,6 +17,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jlora import schema
 from jlora.errors import HFError
 from jlora.hf.io import TensorInfo, checkpoint_index, hf_layout_shape, read_tensor
+from jlora.hf.output import note_source
 from jlora.models import arch_spec
 from jlora.models.base import ArchSpec, ParamPath
 
@@ -181,6 +182,7 @@ def load(path: str | os.PathLike, dtype: Any = None) -> tuple[Any, dict, dict[st
     """
     path = check_path(path)
     dtype = check_dtype(dtype)
+    note_source(path)  # completes an interrupted save there; no save may write there now
     hf_config = read_config(path)
     spec = arch_spec(hf_config["model_type"])
     spec.check_config(hf_config, repr(str(path / "config.json")))

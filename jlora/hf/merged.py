@@ -15,18 +15,36 @@ from flax.core import meta
 
 from jlora import paths as P
 from jlora.errors import HFError
-from jlora.hf.io import LazyTensor, hf_layout_shape, write_weights
+from jlora.hf.io import LazyTensor, hf_layout_shape, parse_size, write_weights
 from jlora.hf.load import param_shapes
-from jlora.hf.output import atomic_dir
+from jlora.hf.output import MERGED_METADATA, MERGED_MODEL, check_target, write_output
 from jlora.merge import fold_modules
 from jlora.models import arch_spec
 
 _MAX_LISTED = 10
+_HF_FLOATS = ("float32", "float16", "bfloat16")  # the floating dtypes transformers stores
 
 
 def _hf_dtype_name(dtype: np.dtype) -> str:
     name = np.dtype(dtype).name
-    return name if name in ("float32", "float16", "bfloat16") else "float32"
+    return name if name in _HF_FLOATS else "float32"
+
+
+def _out_dtype(dtype: Any) -> np.dtype | None:
+    """``dtype`` checked: None or a floating dtype a transformers checkpoint stores."""
+    if dtype is None:
+        return None
+    fix = "pass jnp.float32, jnp.float16 or jnp.bfloat16, or None to keep the params' dtypes"
+    try:
+        out = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        raise HFError(f"save_merged: dtype {dtype!r} is not a dtype; {fix}") from None
+    if out.name not in _HF_FLOATS:
+        raise HFError(
+            f"save_merged: dtype {out.name} cannot hold the weights (transformers loads a "
+            f"model's weights as floats: an integer or bool cast would lose them); {fix}"
+        )
+    return out
 
 
 def save_merged(
@@ -37,12 +55,20 @@ def save_merged(
     *,
     max_shard_size: int | str = "5GB",
     dtype: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes config.json and safetensors weights that transformers loads as this model.
 
     Adapters still in ``params`` are folded in first (``jlora.merge(params, unload=True)``),
-    so an adapted tree exports the model it computes. The directory is written atomically:
-    an interrupted export leaves no loadable directory at ``path``.
+    so an adapted tree exports the model it computes. Every check runs before anything is
+    written, and the write is crash-safe: an interrupted export leaves the previous export at
+    ``path`` (or nothing that loads), and the next save or :func:`jlora.hf.load` completes or
+    clears it (see :mod:`jlora.hf.output`). A save refuses the current directory or a parent
+    of it, a base model's directory (any transformers checkpoint save_merged did not write,
+    or one :func:`jlora.hf.load` read), and a directory that holds other files without being
+    a save_merged export (unless ``overwrite=True``). It replaces only config.json and the
+    weight files (``model.safetensors``, shards, index), removing those of an earlier export
+    that the new one lacks; tokenizer files and any others stay.
 
     Args:
       model: the linen module (from :func:`jlora.hf.load.load`); the tree is checked
@@ -50,19 +76,32 @@ def save_merged(
       params: ``{'params': ...}`` or a bare params tree, with or without adapters.
       hf_config: the config.json dict (``load``'s third result); written back with its
         ``dtype`` set to the weights' dtype.
-      path: the directory to create (an existing one is replaced).
+      path: the directory: new, empty, or an earlier save_merged export.
       max_shard_size: shard the weights past this size (``"5GB"``, ``"500MiB"`` or bytes),
         with ``model.safetensors.index.json``, as transformers does.
-      dtype: cast floating weights to this dtype (e.g. ``jnp.bfloat16``); default: as is.
+      dtype: cast floating weights to this dtype: ``jnp.float32``, ``jnp.float16`` or
+        ``jnp.bfloat16`` (what transformers stores); default: as is.
+      overwrite: also write into the current directory (or a parent of it) or a directory
+        holding other files; only the export's own files there are replaced.
 
     Returns:
       ``path``; ``transformers.<spec.auto_class>.from_pretrained(path)`` loads it with no
       missing or unexpected keys.
 
     Raises:
-      HFError: the tree does not fit the model (names the params), or adapter leaves remain
-        that cannot be merged.
+      OutputPathError: ``path`` is refused (the message says why and what to do instead).
+      HFError: a bad argument (a ``dtype`` that is not float32/float16/bfloat16, a
+        ``max_shard_size`` that is not a size), a param that is not floating, the tree does
+        not fit the model (names the params), or adapter leaves remain that cannot be merged.
     """
+    if not isinstance(hf_config, Mapping) or not isinstance(hf_config.get("model_type"), str):
+        raise HFError(
+            "save_merged: hf_config must be the config.json dict with its model_type "
+            f"(jlora.hf.load's third result), got {type(hf_config).__name__}"
+        )
+    dtype = _out_dtype(dtype)
+    parse_size(max_shard_size)  # its error names the argument
+    check_target(path, MERGED_MODEL, overwrite=overwrite)
     spec = arch_spec(hf_config["model_type"])
     # merge(..., unload=True) without its no-adapters error: a base tree passes unchanged
     tree = fold_modules(P.params_of(meta.unbox(params)), into=True, unload=True)
@@ -91,6 +130,11 @@ def save_merged(
     tensors: dict[str, LazyTensor] = {}
     out_dtypes = set()
     for param_path, leaf in flat.items():
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise HFError(
+                f"save_merged: param {'.'.join(param_path)} has dtype {leaf.dtype}; transformers "
+                "loads weights as floats: cast the params to a float dtype first"
+            )
         out_dtype = np.dtype(leaf.dtype)
         if dtype is not None and jnp.issubdtype(out_dtype, jnp.floating):
             out_dtype = np.dtype(dtype)
@@ -115,11 +159,10 @@ def save_merged(
         config["dtype"] = _hf_dtype_name(max(floats, key=lambda d: d.itemsize))
         if "torch_dtype" in config:
             config["torch_dtype"] = config["dtype"]
-    path = Path(path)
-    with atomic_dir(path) as tmp:
+    with write_output(path, MERGED_MODEL, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_weights(tmp, tensors, max_shard_size)
-    return path
+        write_weights(tmp, tensors, max_shard_size, metadata=MERGED_METADATA)
+    return Path(path)
 
 
 __all__ = ["save_merged"]

@@ -22,7 +22,7 @@ from jlora import paths as P
 from jlora.config import LoraConfig
 from jlora.errors import ConfigError, HFError, TargetError
 from jlora.hf.io import write_safetensors
-from jlora.hf.output import atomic_dir
+from jlora.hf.output import PEFT_ADAPTER, check_target, write_output
 from jlora.hf.peft_layout import (
     CONFIG_FILE,
     KERNEL_KEYS,
@@ -89,6 +89,7 @@ def save_peft(
     task_type: str | None = None,
     model_type: str | None = None,
     hf_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes the adapters of ``params`` as a PEFT LoRA adapter directory.
 
@@ -100,8 +101,13 @@ def save_peft(
     ``use_dora``, ``fan_in_fan_out`` for GPT-2 ``Conv1D`` targets, ``lora_dropout``,
     ``layers_to_transform``, ``exclude_modules``, ``init_lora_weights``).
 
-    Every check runs before anything is written, and the directory is written atomically:
-    an interrupted export leaves ``path`` as it was. A merged tree (after ``jlora.merge(p)``)
+    Every check runs before anything is written, and the write is crash-safe: an interrupted
+    export leaves the previous adapter at ``path`` (or nothing that loads), and the next
+    save or :func:`load_peft` completes or clears it (see :mod:`jlora.hf.output`). A save
+    refuses the current directory or a parent of it, the base model's directory, and a
+    directory that holds other files without being an adapter directory (unless
+    ``overwrite=True``); it replaces only ``adapter_config.json`` and
+    ``adapter_model.safetensors``, never other files. A merged tree (after ``jlora.merge(p)``)
     exports the same adapter as its unmerged form: ``merge`` keeps A, B and the scale, and
     only those are written (never the merged kernels).
 
@@ -116,20 +122,26 @@ def save_peft(
         :func:`load_peft`.
       config: the :class:`jlora.LoraConfig` the adapters were injected with; its targets,
         ranks and alphas must give exactly the tree's adapters.
-      path: the adapter directory to create (an existing one is replaced).
-      base_model_name_or_path: recorded in the config (the transformers model to load).
+      path: the adapter directory: new, empty, or an adapter directory (jlora's or PEFT's)
+        whose adapter files are replaced.
+      base_model_name_or_path: recorded in the config (the transformers model to load); as
+        a local directory, never written to.
       task_type: PEFT's ``task_type``; defaults to ``"CAUSAL_LM"`` for decoders and
         ``"FEATURE_EXTRACTION"`` for BERT when the model type is known, else ``None``.
       model_type: the config.json ``model_type`` (``"gpt2"``, ``"llama"``, ...), needed for
         ``fan_in_fan_out`` on GPT-2; read from ``hf_config`` when that is given.
       hf_config: the config.json dict, as :func:`jlora.hf.load.load` returns it.
+      overwrite: also write into the current directory (or a parent of it) or a directory
+        holding other files; the adapter's two files there are replaced, the others kept.
 
     Returns:
       The directory written.
 
     Raises:
-      HFError: no adapters, an adapter PEFT cannot represent (more than two axes, GPT-2's
-        ``wte`` tied to the head), or the directory cannot be written.
+      OutputPathError: ``path`` is refused (the message says why and what to do instead).
+      HFError: an argument of the wrong type, no adapters, an adapter PEFT cannot represent
+        (more than two axes, GPT-2's ``wte`` tied to the head), or the directory cannot be
+        written.
       ConfigError: ``config`` does not give the tree's adapters (other targets, ranks or
         scales).
 
@@ -148,6 +160,8 @@ def save_peft(
     """
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"config must be a jlora.LoraConfig, got {type(config).__name__}.")
+    base = _check_args(base_model_name_or_path, task_type, model_type, hf_config)
+    check_target(path, PEFT_ADAPTER, overwrite=overwrite, base=base)
     tree = P.params_of(params)
     adapters = _adapters(tree)
     if not adapters:
@@ -206,16 +220,33 @@ def save_peft(
         task_type = _TASK_TYPES.get(spec.auto_class)
     peft_config = config.to_peft(
         task_type=task_type,
-        base_model_name_or_path=base_model_name_or_path,
+        base_model_name_or_path=base,
         target_modules=list(targets) if isinstance(targets, tuple) else targets,
         fan_in_fan_out=fan,
         **extra,
     )
 
-    with atomic_dir(path) as tmp:
+    with write_output(path, PEFT_ADAPTER, overwrite=overwrite, base=base) as tmp:
         write_safetensors(tmp / WEIGHTS_FILE, tensors, {"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return Path(path)
+
+
+def _check_args(base: Any, task_type: Any, model_type: Any, hf_config: Any) -> str | None:
+    """save_peft's optional arguments, type-checked; returns base_model_name_or_path as str."""
+    if isinstance(base, os.PathLike):
+        base = os.fspath(base)
+    named = {"base_model_name_or_path": base, "task_type": task_type, "model_type": model_type}
+    for name, value in named.items():
+        if value is not None and not isinstance(value, str):
+            kind = type(value).__name__
+            raise HFError(f"save_peft: {name} must be a str or None, got {kind} {value!r}")
+    if hf_config is not None and not isinstance(hf_config, Mapping):
+        raise HFError(
+            "save_peft: hf_config must be the config.json dict (jlora.hf.load's third result) "
+            f"or None, got {type(hf_config).__name__}"
+        )
+    return base
 
 
 def _tied_head(tree: Any, spec: Any, hf_config: Mapping[str, Any] | None) -> bool:

@@ -21,6 +21,7 @@ from jlora.config import LoraConfig
 from jlora.errors import ConfigError, HFError, ShapeError, TargetError
 from jlora.hf.io import TensorInfo, read_header, read_tensor
 from jlora.hf.load import check_dtype, check_path
+from jlora.hf.output import settle
 from jlora.hf.peft_layout import (
     BASE_LAYER_KEY,
     CONFIG_FILE,
@@ -120,6 +121,7 @@ def load_peft(
     """
     path = check_path(path)
     dtype = check_dtype(dtype)
+    settle(path)  # completes a save to path that a crash interrupted
     d = _read_config(path)
     source = repr(str(path / CONFIG_FILE))
     config = LoraConfig.from_peft(d, source=source)  # every field checked before any work

@@ -23,7 +23,6 @@ from jlora.hf.io import (
     write_weights,
 )
 from jlora.hf.load import load
-from jlora.hf.output import atomic_dir
 
 
 @pytest.fixture(scope="module")
@@ -184,27 +183,6 @@ def test_write_weights_shards(tmp_path):
     assert parse_size("1.5KB") == 1500 and parse_size("2MiB") == 2 * 2**20
     with pytest.raises(HFError, match="not a size"):
         parse_size("5 parsecs")
-
-
-def test_atomic_dir_interrupted_leaves_nothing(tmp_path):
-    target = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_dir(target) as tmp:
-            write_safetensors(tmp / SINGLE_FILE, {"a": np.zeros(3, np.float32)})
-            (tmp / "config.json").write_text("{}")
-            raise KeyboardInterrupt
-    assert list(tmp_path.iterdir()) == []
-    with atomic_dir(target) as tmp:
-        (tmp / "v1").write_text("1")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "v2").write_text("2")
-            raise RuntimeError("disk full")
-    assert [p.name for p in target.iterdir()] == ["v1"]  # the old version is untouched
-    with atomic_dir(target) as tmp:
-        (tmp / "v3").write_text("3")
-    assert [p.name for p in target.iterdir()] == ["v3"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_tied_head_stored_anyway_is_ignored(tmp_path, save_hf, rewrite_weights):
