@@ -84,9 +84,9 @@ class HFError(JloraError, ValueError):
 class OutputPathError(HFError):
     """A save's target directory is not one jlora may write to (it would lose files there).
 
-    Raised before anything is written: the current directory or a parent of it, a base
-    model's directory, or a directory holding other files (without ``overwrite=True``).
-    The message names the path, the reason and the fix.
+    Raised before anything is written: a base model's directory, or (without
+    ``overwrite=True``) the current directory or a parent of it, or a directory holding
+    other files. The message names the path, the reason and the fix.
     """
 
 

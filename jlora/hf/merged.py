@@ -63,12 +63,12 @@ def save_merged(
     so an adapted tree exports the model it computes. Every check runs before anything is
     written, and the write is crash-safe: an interrupted export leaves the previous export at
     ``path`` (or nothing that loads), and the next save or :func:`jlora.hf.load` completes or
-    clears it (see :mod:`jlora.hf.output`). A save refuses the current directory or a parent
-    of it, a base model's directory (any transformers checkpoint save_merged did not write,
-    or one :func:`jlora.hf.load` read), and a directory that holds other files without being
-    a save_merged export (unless ``overwrite=True``). It replaces only config.json and the
-    weight files (``model.safetensors``, shards, index), removing those of an earlier export
-    that the new one lacks; tokenizer files and any others stay.
+    clears it (see :mod:`jlora.hf.output`). A save refuses a base model's directory (a
+    transformers checkpoint save_merged did not write) and, unless ``overwrite=True``, the
+    current directory or a parent of it, a directory :func:`jlora.hf.load` read, and one
+    that holds other files without being a save_merged export. It replaces only config.json
+    and the weight files (``model.safetensors``, shards, index), removing those of an
+    earlier export that the new one lacks; tokenizer files and any others stay.
 
     Args:
       model: the linen module (from :func:`jlora.hf.load.load`); the tree is checked

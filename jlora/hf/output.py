@@ -9,14 +9,14 @@ save or load to the same place completes into the new one.
 touched, for a target that is
 
 * always: a file, the filesystem root, or a base model's directory: the
-  ``base_model_name_or_path`` an adapter is saved against, a directory :func:`jlora.hf.load`
-  read in this process (while it holds a checkpoint), or any directory holding a
+  ``base_model_name_or_path`` an adapter is saved against, or any directory holding a
   transformers checkpoint that ``save_merged`` did not write (config.json beside weights
   without jlora's mark in their safetensors metadata);
-* unless ``overwrite=True``: the current directory or a parent of it, or an existing
-  directory that is neither empty nor an output of the same kind (for ``save_peft`` a PEFT
-  adapter directory, one holding adapter_config.json, whoever wrote it; for ``save_merged``
-  a directory ``save_merged`` wrote).
+* unless ``overwrite=True``: the current directory or a parent of it, a directory
+  :func:`jlora.hf.load` read in this process (while it holds a checkpoint: jlora's own
+  export, used as a base model), or an existing directory that is neither empty nor an
+  output of the same kind (for ``save_peft`` a PEFT adapter directory, one holding
+  adapter_config.json, whoever wrote it; for ``save_merged`` a directory it wrote).
 
 Even then only the files of the saver's :class:`OutputKind` are replaced or removed:
 adapter_config.json and adapter_model.safetensors; config.json, model.safetensors,
@@ -231,8 +231,6 @@ def _refusal(target: Path, kind: OutputKind, overwrite: bool, base: Any) -> str 
     if base is not None and target.exists() and _same(target, base):
         what = f"the base model's directory (base_model_name_or_path={base!r})"
         return f"{here}: it is {what}; {never}"
-    if str(target) in _SOURCES and _checkpoint_weights(target):
-        return f"{here}: jlora.hf.load read the model in it in this process; {never}"
     foreign = _foreign_checkpoint(target)
     if foreign:
         return (
@@ -255,6 +253,11 @@ def _refusal(target: Path, kind: OutputKind, overwrite: bool, base: Any) -> str 
         what = "the current directory" if target == cwd else "a parent of the current directory"
         inside = f"choose a new directory, e.g. {str(target / kind.suggestion)!r}"
         return f"{here}: it is {what}{where}; {inside}, {or_overwrite}"
+    if str(target) in _SOURCES and _checkpoint_weights(target):
+        return (
+            f"{here}: jlora.hf.load read the model in it in this process (a base model?); "
+            f"{elsewhere}, or pass overwrite=True if you mean to replace that model"
+        )
     names = _names(target)
     if names and not kind.is_output(target):
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
