@@ -308,36 +308,52 @@ def _commit_dir(target: Path) -> Path:
     return target.parent / f".{target.name}.jlora-commit"
 
 
+def _lock(directory: Path, blocking: bool = True) -> int | None:
+    """An open descriptor of ``directory`` holding its exclusive flock (None without fcntl).
+
+    Raises:
+      BlockingIOError: ``blocking`` is False and another descriptor holds the lock.
+    """
+    if fcntl is None:
+        return None
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """An exclusive flock on ``directory`` (saves and recoveries of its children in turn)."""
-    fd = os.open(directory, os.O_RDONLY)
+    fd = _lock(directory)
     try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        _unlock(fd)
 
 
 def _busy(directory: str) -> bool:
     """Whether a live save holds ``directory`` (its stage) locked."""
-    if fcntl is None:
-        return False
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
+        _unlock(_lock(Path(directory), blocking=False))
+    except BlockingIOError:
         return True
-    finally:
-        os.close(fd)
+    except OSError:
+        pass
+    return False
 
 
 def _fsync(path: Path) -> None:
+    if os.name == "nt" and path.is_dir():  # Windows opens no directory
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -436,22 +452,21 @@ def write_output(
     """
     target = check_target(path, kind, overwrite=overwrite, base=base)
     parent = target.parent
+    stage = parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
         with _locked(parent):
             _clean_debris(target)
-        stage = parent / f".{target.name}.tmp-{secrets.token_hex(6)}"
-        stage.mkdir()
-        stage_fd = os.open(stage, os.O_RDONLY)
+            stage.mkdir()
+            stage_lock = _lock(stage)  # held while this save lives: no debris (_busy)
     except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
         raise OutputPathError(
             f"{kind.saver}: cannot write beside {str(target)!r} ({e}); choose a directory "
             "whose parent you can write to"
         ) from None
     committed = False
     try:
-        if fcntl is not None:
-            fcntl.flock(stage_fd, fcntl.LOCK_EX)  # a live stage is no debris (_busy)
         yield stage
         names = _names(stage)
         if kind.key not in names or not all(kind.owns(n) for n in names):
@@ -482,7 +497,7 @@ def write_output(
             _fsync(parent)
             _apply(commit, target, kind, names, remove)
     finally:
-        os.close(stage_fd)
+        _unlock(stage_lock)
         if not committed:
             shutil.rmtree(stage, ignore_errors=True)
 
