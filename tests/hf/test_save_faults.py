@@ -371,3 +371,18 @@ def test_unreadable_journal_is_an_error_naming_it(tmp_path, savers):
     )
     with pytest.raises(OutputPathError, match="names files the save does not write"):
         load_peft(saver.base, target)
+
+
+def test_concurrent_saves_to_one_target_take_turns(tmp_path, savers):
+    saver = savers[0]
+    target = tmp_path / "out"
+
+    def save_many(which):
+        for _ in range(5):
+            saver.save(saver.trees[which], target)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(save_many, ["old", "new"]))
+    got = _files(target, PEFT_ADAPTER)
+    assert got in (_files(saver.refs["old"], PEFT_ADAPTER), _files(saver.refs["new"], PEFT_ADAPTER))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
