@@ -1,8 +1,11 @@
-"""Fixtures shared by the test packages: tiny transformers checkpoints and their editing."""
+"""Fixtures shared by the test packages: tiny transformers checkpoints and their editing;
+tiny checkpoints with their own tokenizers, and data files, for the CLI."""
 
 from __future__ import annotations
 
+import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,3 +77,107 @@ def check_name_map_round_trip():
             np.testing.assert_array_equal(back[k], saved[k])
 
     return check
+
+
+WORDS = re.compile(r"[a-z]+")
+
+
+def corpus() -> list[str]:
+    """Sentences of plain English from the standard library's documentation topics."""
+    import pydoc_data.topics
+
+    text = " ".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:40])
+    sentences = [" ".join(WORDS.findall(s.lower())) for s in re.split(r"[.\n]", text)]
+    return [s for s in sentences if len(s.split()) >= 4]
+
+
+def make_tokenizer(path, vocab_size: int, *, bert: bool = False):
+    """A word-level fast tokenizer over the corpus' most common words, saved to ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] if bert else ["<pad>", "<unk>", "<s>", "</s>"]
+    counts = collections.Counter(w for s in corpus() for w in s.split())
+    words = [w for w, _ in counts.most_common(vocab_size - len(special))]
+    vocab = {w: i for i, w in enumerate(special + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=special[1]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bert:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]",
+                                       unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                                       model_input_names=["input_ids", "token_type_ids",
+                                                          "attention_mask"])
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 2)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                       unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, save_hf):
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("llama")
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3)
+    save_hf(cfg, path)
+    make_tokenizer(path, 128)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, save_hf):
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("gpt2")
+    cfg = tf.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                        bos_token_id=2, eos_token_id=3)
+    save_hf(cfg, path)
+    make_tokenizer(path, 128)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory, save_hf):
+    import transformers as tf
+
+    path = tmp_path_factory.mktemp("bert")
+    cfg = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64)
+    save_hf(cfg, path, model_class=tf.AutoModel)
+    make_tokenizer(path, 128, bert=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory):
+    """``(train.jsonl, eval.jsonl)`` of sentences, plus prompt/completion fields."""
+    path = tmp_path_factory.mktemp("text")
+    sentences = corpus()
+    recs = [{"text": s, "prompt": " ".join(s.split()[:3]), "completion": " ".join(s.split()[3:])}
+            for s in sentences]
+    train, held = recs[:160], recs[160:200]
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", held)):
+        (path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path / "train.jsonl", path / "eval.jsonl"
+
+
+@pytest.fixture(scope="session")
+def pair_data(tmp_path_factory):
+    """``(train.jsonl, eval.jsonl)`` of query/document pairs: a sentence's first words and
+    the rest of it."""
+    path = tmp_path_factory.mktemp("pairs")
+    recs = [{"query": " ".join(s.split()[:4]), "document": " ".join(s.split()[4:]) or s}
+            for s in corpus()]
+    for name, rows in (("train.jsonl", recs[:128]), ("eval.jsonl", recs[128:176])):
+        (path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path / "train.jsonl", path / "eval.jsonl"

@@ -104,7 +104,9 @@ def save_merged(
     check_target(path, MERGED_MODEL, overwrite=overwrite)
     spec = arch_spec(hf_config["model_type"])
     # merge(..., unload=True) without its no-adapters error: a base tree passes unchanged
-    tree = fold_modules(P.params_of(meta.unbox(params)), into=True, unload=True)
+    tree = P.params_of(meta.unbox(params))
+    P.check_adapters(tree, "save_merged")
+    tree = fold_modules(tree, into=True, unload=True)
     flat = {
         tuple(str(k.key) for k in keypath): leaf
         for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]

@@ -58,9 +58,6 @@ def _adapters(tree: Any) -> list[_Adapter]:
     def fn(module, leaves):
         for param in P.adapter_params(leaves):
             scale = leaves.get(param + P.SCALE_SUFFIX, leaves.get(param + P.MERGED_SUFFIX))
-            if scale is None or param + P.B_SUFFIX not in leaves:
-                raise HFError(f"{module}.{param} has an incomplete adapter (A without B or "
-                              "scale); export a tree made by jlora.inject or jlora.hf.load_peft.")
             out.append(_Adapter(module, param, P.unbox(leaves[param + P.A_SUFFIX]),
                                 P.unbox(leaves[param + P.B_SUFFIX]), P.unbox(scale)))
         return leaves
@@ -163,6 +160,7 @@ def save_peft(
     base = _check_args(base_model_name_or_path, task_type, model_type, hf_config)
     check_target(path, PEFT_ADAPTER, overwrite=overwrite, base=base)
     tree = P.params_of(params)
+    P.check_adapters(tree, "save_peft")
     adapters = _adapters(tree)
     if not adapters:
         raise HFError("save_peft: this tree holds no LoRA adapters (a tree merged with "

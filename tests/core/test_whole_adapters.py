@@ -219,3 +219,19 @@ def test_the_check_runs_once_per_trace_not_per_step(monkeypatch):
     for _ in range(3):
         f(p, X).block_until_ready()
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("saver", ["save_peft", "save_merged"])
+def test_savers_refuse_an_adapter_that_is_not_whole(saver, tmp_path):
+    import jlora
+
+    base = {"params": {"q": {"kernel": jnp.ones((4, 6))}}}
+    cfg = jlora.LoraConfig(rank=2, targets=["q"])
+    p = jlora.inject(base, cfg, jax.random.key(0))
+    del p["params"]["q"]["kernel_lora_b"]
+    with pytest.raises(jlora.errors.IncompleteAdapterError, match="q.kernel"):
+        if saver == "save_peft":
+            jlora.hf.save_peft(p, cfg, tmp_path / "a")
+        else:
+            jlora.hf.save_merged(None, p, {"model_type": "llama"}, tmp_path / "m")
+    assert not any(tmp_path.iterdir())

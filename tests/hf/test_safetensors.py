@@ -600,8 +600,8 @@ def _encoded(content):
     end, out = 0, {}
     data = content[8 + n :]
     for (start, stop), name, code, shape in sorted(spans, key=lambda s: s[0]):
-        if start != end or stop - start != _size(code, list(shape)):
-            return None
+        if start != end or stop - start != _size(code, list(shape)) or stop > len(data):
+            return None  # a gap, a size that does not fit the shape, or data past the end
         out[name] = np.frombuffer(data[start:stop], DTYPES[code]).reshape(shape)
         end = stop
     return out if end == len(data) else None
