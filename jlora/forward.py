@@ -11,6 +11,7 @@ read, for any JAX function of the params.
 from __future__ import annotations
 
 import functools
+import math
 import string
 from collections.abc import Callable
 
@@ -26,55 +27,87 @@ from jlora.merge import fold_modules, merge
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 
 
+_DROP_BITS = 16
+
+
 def _dropout(mod: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout of the adapter input, from 16 random bits per element.
+
+    A bernoulli draw costs a 32-bit threefry word per element; two 16-bit draws per word make
+    the masks (a third of a small model's LoRA step on a CPU) about 4x cheaper. The drop
+    probability is ``rate`` rounded to a multiple of 2**-16 (within 8e-6), and the kept
+    values are scaled by the exact ``1 / (1 - p)`` of that probability, so the expectation
+    is unchanged.
+    """
     if rate <= 0.0 or not mod.scope.has_rng("dropout"):
         return x
-    keep = jax.random.bernoulli(mod.make_rng("dropout"), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    threshold = round(rate * 2**_DROP_BITS)
+    if threshold == 0:
+        return x
+    # two 16-bit draws from each 32-bit word: half the threefry work of 16-bit bits
+    words = jax.random.bits(mod.make_rng("dropout"), ((x.size + 1) // 2,), jnp.uint32)
+    bits = jnp.stack([words & 0xFFFF, words >> 16], axis=1).reshape(-1)[:x.size]
+    keep = bits.reshape(x.shape) >= jnp.uint32(threshold)
+    scale = 1.0 / (1.0 - threshold / 2**_DROP_BITS)
+    return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros_like(x))
 
 
 def _free_letter(eq: str) -> str:
     return next(c for c in string.ascii_letters if c not in eq)
 
 
+def _low_rank(x2d, a2d, b2d, s, prec):
+    """``((x2d @ A) * scale) @ B`` on the 2-D token layout: the scale lands on the rank-r
+    intermediate and every matmul is a plain (tokens, features) one, so the backward pass
+    needs no transposed copy of the layer's output gradient."""
+    t = jnp.dot(x2d, a2d, precision=prec) * s.astype(x2d.dtype)
+    return jnp.dot(t, b2d, precision=prec)
+
+
 def _delta(mod: nn.Module, method: str, args: tuple, kwargs: dict, a, b, s, rate: float):
     prec = getattr(mod, "precision", None)
     if isinstance(mod, nn.Embed):
-        if method == "attend":
+        if method == "attend":  # the tied head: q @ (A @ B).T = (q @ B.T) @ A.T
             q, a, b = promote_dtype(args[0], a, b, dtype=mod.dtype)
-            t = jnp.dot(q, b.T, precision=None)
-            return jnp.dot(t, a.T, precision=None) * s.astype(t.dtype)
+            q2d = q.reshape(-1, q.shape[-1])
+            return _low_rank(q2d, b.T, a.T, s, None).reshape(*q.shape[:-1], a.shape[0])
         ids = args[0]
         (a, b) = promote_dtype(a, b, dtype=mod.dtype)
-        return jnp.dot(jnp.take(a, ids, axis=0), b, precision=None) * s.astype(a.dtype)
+        t = jnp.take(a, ids, axis=0) * s.astype(a.dtype)
+        return jnp.dot(t, b, precision=None)
     x = args[0] if args else kwargs["inputs"]
     x = _dropout(mod, x, rate)
     x, a, b = promote_dtype(x, a, b, dtype=mod.dtype)
     n_in = a.ndim - 1
-    if isinstance(mod, nn.Dense):
-        t = jnp.dot(x, a, precision=prec)
-    elif isinstance(mod, nn.DenseGeneral):
-        axis = mod.axis if isinstance(mod.axis, tuple | list) else (mod.axis,)
+    r = a.shape[-1]
+    if isinstance(mod, nn.Dense | nn.DenseGeneral):
+        axis = (-1,) if isinstance(mod, nn.Dense) else (
+            mod.axis if isinstance(mod.axis, tuple | list) else (mod.axis,))
         axis = tuple(ax % x.ndim for ax in axis)
-        t = jax.lax.dot_general(x, a, ((axis, tuple(range(n_in))), ((), ())), precision=prec)
-    elif isinstance(mod, nn.Einsum):
+        if axis != tuple(range(x.ndim - n_in, x.ndim)):  # contracted axes last, in order
+            x = jnp.moveaxis(x, axis, tuple(range(x.ndim - n_in, x.ndim)))
+        lead = x.shape[:x.ndim - n_in]
+        y = _low_rank(x.reshape(-1, math.prod(x.shape[x.ndim - n_in:])), a.reshape(-1, r),
+                      b.reshape(r, -1), s, prec)
+        return y.reshape(*lead, *b.shape[1:])
+    if isinstance(mod, nn.Einsum):
         eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or mod.einsum_str
         eq = eq.replace(" ", "")
         lhs, out = eq.split("->")
         xs, ks = lhs.split(",")
-        r = _free_letter(eq)
+        rl = _free_letter(eq)
         ell = "..." if "..." in xs else ""
         xs_plain = xs.replace("...", "")
         kin, kout = ks[:n_in], ks[n_in:]
-        t_spec = ell + "".join(c for c in xs_plain if c in out) + r
-        t = jnp.einsum(f"{xs},{kin}{r}->{t_spec}", x, a, precision=prec)
-        return jnp.einsum(f"{t_spec},{r}{kout}->{out}", t, b, precision=prec) * s.astype(t.dtype)
-    elif isinstance(mod, nn.Conv):
-        a_conv = mod.clone(parent=None, name=None, features=a.shape[-1], use_bias=False)
-        t = a_conv.apply({"params": {"kernel": a}}, x)
-    else:  # pragma: no cover - _SUPPORTED is exhaustive
-        raise TypeError(type(mod))
-    return jnp.tensordot(t, b, axes=1, precision=prec) * s.astype(t.dtype)
+        t_spec = ell + "".join(c for c in xs_plain if c in out) + rl
+        t = jnp.einsum(f"{xs},{kin}{rl}->{t_spec}", x, a, precision=prec) * s.astype(x.dtype)
+        return jnp.einsum(f"{t_spec},{rl}{kout}->{out}", t, b, precision=prec)
+    if isinstance(mod, nn.Conv):
+        a_conv = mod.clone(parent=None, name=None, features=r, use_bias=False)
+        t = a_conv.apply({"params": {"kernel": a}}, x) * s.astype(x.dtype)
+        y = jnp.dot(t.reshape(-1, r), b.reshape(r, -1), precision=prec)
+        return y.reshape(*t.shape[:-1], *b.shape[1:])
+    raise TypeError(type(mod))  # pragma: no cover - _SUPPORTED is exhaustive
 
 
 def _interceptor(rate: float, consumed: set[str]) -> Callable:
