@@ -9,4 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
 
+from jlora.train import reuse_host_memory  # noqa: E402
+
+reuse_host_memory()  # before the first JAX computation: steps reuse their temporaries
+
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -121,6 +121,9 @@ def peft_worker(data: Path, init_adapter: Path, out: Path, steps: int, batch_siz
 
 # --------------------------------------------------------------------------- jlora worker
 def jlora_worker(data: Path, out: Path, steps: int, batch_size: int) -> None:
+    from jlora.train import reuse_host_memory
+
+    reuse_host_memory()  # what the jlora command does first
     from jlora.cli.finetune import finetune
     from jlora.cli.parse import parse
     from jlora.demo import finetune_argv, model_dir

@@ -127,7 +127,9 @@ def _clear_previous_run(run: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jlora.cli.finetune import finetune
     from jlora.cli.parse import parse
+    from jlora.train import reuse_host_memory
 
+    reuse_host_memory()  # before any JAX computation (see jlora.train.host)
     args = tyro.cli(Demo, args=argv)
     t0 = time.perf_counter()
     out = Path(args.out)

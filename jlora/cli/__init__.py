@@ -20,7 +20,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``jlora`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     from jlora.cli import args as A
     from jlora.cli.parse import parse
+    from jlora.train import reuse_host_memory
 
+    reuse_host_memory()  # before any JAX computation: XLA:CPU steps reuse their temporaries
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         cfg = parse(argv)

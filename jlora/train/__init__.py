@@ -14,6 +14,7 @@ Checkpoints: :class:`jlora.checkpoint.Checkpointer`.
 
 from jlora.train.data import DataIterator, SyntheticTokens
 from jlora.train.distributed import initialize
+from jlora.train.host import reuse_host_memory
 from jlora.train.loss import IGNORE_INDEX, causal_lm_loss
 from jlora.train.mesh import (
     AXES,
@@ -50,6 +51,7 @@ __all__ = [
     "make_train_step",
     "param_specs",
     "put",
+    "reuse_host_memory",
     "shard_batch",
     "single_device_mesh",
 ]
