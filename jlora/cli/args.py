@@ -220,6 +220,9 @@ class Finetune:
     """Continue the run in --out from its latest checkpoint."""
     merged: bool = False
     """Also write the merged model (a transformers directory) to <out>/merged."""
+    full: bool = False
+    """Full fine-tuning, the baseline of LoRA: train every weight (no adapters; the --lora
+    options are unused) and export the model to <out>/model instead of an adapter."""
 
 
 @dataclasses.dataclass(frozen=True)

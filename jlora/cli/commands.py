@@ -65,6 +65,9 @@ def export(cfg: A.Export) -> int:
         raise ConfigError(f"{cfg.run!r} holds no checkpoint ({CHECKPOINTS}/<step>); give the "
                           "run directory of `jlora finetune`.")
     run_cfg = load_run_config(run)
+    if run_cfg.full and cfg.adapter is not None:
+        raise ConfigError(f"{cfg.run!r} is a full fine-tuning run: it has no adapter to export; "
+                          "use --merged DIR.")
     s = build_session(run_cfg, total_steps=1)
     with C.Checkpointer(run / CHECKPOINTS, s.lora_config, keep=None,
                         model_id=str(Path(run_cfg.model).resolve())) as ckpt:

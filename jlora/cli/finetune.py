@@ -62,11 +62,14 @@ def schedule_fn(optim: Any, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
 
 
-def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any):
-    """AdamW on the adapters (LoRA+ when asked), after global-norm clipping."""
+def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any, full: bool = False):
+    """AdamW on the adapters (LoRA+ when asked), or on every weight (``full``), after
+    global-norm clipping."""
     adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                         weight_decay=optim.weight_decay)
-    tx = optimizer(adamw, params, lora_plus_ratio=optim.lora_plus_ratio)
+    if full and optim.lora_plus_ratio is not None:
+        raise ConfigError("--optim.lora-plus-ratio is for LoRA runs; drop it with --full.")
+    tx = adamw if full else optimizer(adamw, params, lora_plus_ratio=optim.lora_plus_ratio)
     if optim.clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
     return tx
@@ -124,11 +127,12 @@ def build_session(cfg: Finetune, total_steps: int) -> Session:
     mesh = make_mesh(dict(cfg.train.mesh))
     model, params, hf_config = hf.load(cfg.model, dtype=precision.frozen_dtype
                                        if cfg.train.precision == "bf16" else None)
-    params = inject(params, lora_config, jax.random.key(cfg.train.seed))
+    if not cfg.full:
+        params = inject(params, lora_config, jax.random.key(cfg.train.seed))
     schedule = schedule_fn(cfg.optim, total_steps)
-    tx = make_optimizer(cfg.optim, schedule, params)
+    tx = make_optimizer(cfg.optim, schedule, params, full=cfg.full)
     state, frozen, sh = train.init(params, tx, jax.random.key(cfg.train.seed + 1), mesh=mesh,
-                                   precision=precision)
+                                   precision=precision, train="all" if cfg.full else "adapters")
     return Session(cfg, model, hf_config, lora_config, params, tx, schedule, state, frozen, sh,
                    precision)
 
@@ -175,7 +179,8 @@ def finetune(cfg: Finetune, *, progress: bool = True, log: Callable[[str], None]
                           f"{shards // cfg.train.accum_steps} data-parallel shards x "
                           f"{cfg.train.accum_steps} micro-batches: use a multiple of {shards}.")
     s = build_session(cfg, total)
-    log(str(summary(s.params)))
+    log(f"full fine-tuning: {sum(x.size for x in jax.tree.leaves(s.state.params)):,} trainable "
+        "params" if cfg.full else str(summary(s.params)))
     loss_fn = T.make_loss(cfg.task, s.model, dropout=lora_config.dropout,
                           temperature=cfg.train.temperature)
     step = train.make_train_step(loss_fn, s.tx, s.shardings, accum_steps=cfg.train.accum_steps,
@@ -216,11 +221,11 @@ def finetune(cfg: Finetune, *, progress: bool = True, log: Callable[[str], None]
         ckpt.close()
     if result["stopped"] == "interrupted":
         return result
-    adapter_dir = out / "adapter"
+    adapter_dir = out / ("model" if cfg.full else "adapter")
     if evaluate is None and writer:
         _save_adapter(s, s.state.params, out)
     best = result.get("best")
-    if cfg.merged and writer:
+    if cfg.merged and writer and not cfg.full:
         hf.save_merged(s.model, merge(_final_tree(s, evaluate, result), unload=True),
                        s.hf_config, out / "merged")
         D.copy_tokenizer(cfg.model, out / "merged")
@@ -233,7 +238,7 @@ def finetune(cfg: Finetune, *, progress: bool = True, log: Callable[[str], None]
         if best is not None:
             summary_line += "; " + _fmt_change(start, best, cfg.task)
     log(summary_line)
-    log(f"wrote {adapter_dir}" + (f", {out / 'merged'}" if cfg.merged else "")
+    log(f"wrote {adapter_dir}" + (f", {out / 'merged'}" if cfg.merged and not cfg.full else "")
         + f", {out / 'metrics.jsonl'} and {out / 'curves.png'}")
     result.pop("best_params", None)
     result = {**result, "evals": evals, "adapter": str(adapter_dir)}
@@ -243,6 +248,11 @@ def finetune(cfg: Finetune, *, progress: bool = True, log: Callable[[str], None]
 
 
 def _save_adapter(s: Session, trainable: Any, out: Path) -> None:
+    """The run's export: the PEFT adapter, or with ``--full`` the whole model."""
+    if s.cfg.full:
+        hf.save_merged(s.model, s.adapted(trainable), s.hf_config, out / "model")
+        D.copy_tokenizer(s.cfg.model, out / "model")
+        return
     hf.save_peft(s.adapted(trainable), s.lora_config, out / "adapter", hf_config=s.hf_config,
                  base_model_name_or_path=str(Path(s.cfg.model).resolve()))
 

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from jlora import paths as P
+from jlora.errors import ConfigError
 from jlora.inject import check_key
 from jlora.optim import split
 from jlora.train import mesh as M
@@ -78,8 +79,13 @@ def _opt_shardings(tx: optax.GradientTransformation, trainable: Any, param_sh: A
 
 def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
          mesh: Mesh | None = None, rules: Sequence[M.Rule] = M.DEFAULT_RULES,
-         precision: Precision | None = None) -> tuple[TrainState, Any, Shardings]:
+         precision: Precision | None = None,
+         train: str = "adapters") -> tuple[TrainState, Any, Shardings]:
     """Splits an adapted tree, lays it out over a mesh and builds the initial state.
+
+    With ``train="all"`` (full fine-tuning, the baseline LoRA is measured against) a plain
+    tree without adapters trains every weight: the state holds all params (float32 master
+    copy) and the frozen half is empty.
 
     Frozen params get their specs from ``rules``; adapters from their kernel's spec;
     optimizer state from its param's (scalars replicated). Works the same on one device
@@ -94,6 +100,8 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
       mesh: from :func:`make_mesh`; default one device.
       rules: partition rules (``(regex, PartitionSpec)``); :data:`DEFAULT_RULES` by default.
       precision: :class:`Precision` (default all float32).
+      train: ``"adapters"`` (LoRA: the A/B leaves of :func:`jlora.split`) or ``"all"``
+        (full fine-tuning of a tree without adapters).
 
     Returns:
       ``(state, frozen, shardings)``: the :class:`TrainState`, the frozen half (cast and
@@ -116,9 +124,18 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
     mesh = mesh or M.single_device_mesh()
     precision = precision or Precision()
     params = jax.tree.map(P.unbox, params, is_leaf=P.is_box)
-    P.require_adapters(P.params_of(params), "jlora.train.init")
-    trainable, frozen = split(params)
-    param_sh, frozen_sh = split(M.named(mesh, M.param_specs(params, mesh, rules)))
+    shardings = M.named(mesh, M.param_specs(params, mesh, rules))
+    if train == "all":
+        _check_full(params)
+        trainable, param_sh = params, shardings
+        frozen = frozen_sh = jax.tree.map(lambda _: None, params)
+    elif train == "adapters":
+        P.require_adapters(P.params_of(params), "jlora.train.init")
+        trainable, frozen = split(params)
+        param_sh, frozen_sh = split(shardings)
+    else:
+        raise ConfigError(f"train={train!r}: choose 'adapters' (LoRA) or 'all' (full "
+                          "fine-tuning).")
     replicated = NamedSharding(mesh, PS())
     trainable = M.put(to_fp32(trainable), param_sh)
     frozen = M.put(precision.cast_frozen(frozen), frozen_sh)
@@ -132,6 +149,18 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
     state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rng=replicated,
                           bad_streak=replicated, skipped=replicated)
     return state, frozen, Shardings(mesh, state_sh, frozen_sh, M.batch_sharding(mesh))
+
+
+def _check_full(params: Any) -> None:
+    if P.check_adapters(P.params_of(params), "jlora.train.init(train='all')"):
+        raise ConfigError("train='all' fine-tunes every weight of a plain tree, but this one "
+                          "holds adapters: fold them in with jlora.merge(params, unload=True) "
+                          "first, or train them with train='adapters'.")
+    ints = [p for p, x in P.leaves_with_paths(params)
+            if not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if ints:
+        raise ConfigError(f"train='all' differentiates every leaf, but {ints[:3]} are not "
+                          "floating point; keep such buffers outside the params.")
 
 
 def abstract(state: TrainState, shardings: Shardings | None = None) -> TrainState:

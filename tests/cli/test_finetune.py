@@ -97,3 +97,19 @@ def test_early_stopping(llama_dir, text_data, tmp_path):
     assert [e["step"] for e in r["evals"]] == [0, 1, 2] and r["best"]["step"] == 0
     assert json.loads((out / "summary.json").read_text())["stopped"].startswith("early")
     assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_full_fine_tuning(llama_dir, text_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(finetune_args(llama_dir, out, *text_data, "--full", "--optim.lr", "3e-3",
+                              steps=4)) == 0
+    assert "full fine-tuning: 26,784 trainable params" in capsys.readouterr().out
+    got = losses(out)
+    assert len(got) == 4 and got[-1] < got[0]
+    assert not (out / "adapter").exists()
+    _, tuned, _ = jlora.hf.load(out / "model")  # the best evaluation's model
+    _, base, _ = jlora.hf.load(llama_dir)
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), tuned, base)
+    assert all(jax.tree.leaves(changed))  # every weight trained
+    assert main(["export", str(out), "--adapter", str(tmp_path / "a")]) == 2
+    assert "full fine-tuning run" in capsys.readouterr().err

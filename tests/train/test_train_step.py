@@ -132,3 +132,30 @@ def test_init_rejects_a_tree_without_adapters_and_a_bad_key():
     p = jlora.inject(base, jlora.LoraConfig(rank=2, targets=["q"]), jax.random.key(0))
     with pytest.raises(KeyTypeError, match=r"jax.random.key\(0\)"):
         T.init(p, optax.sgd(0.1), 0)
+
+
+def test_full_fine_tuning_trains_every_weight_and_refuses_adapters():
+    import pytest
+
+    from jlora.errors import ConfigError
+
+    params = {"params": {"a": {"kernel": jnp.ones((4, 4))}, "b": {"kernel": jnp.ones((4, 2))}}}
+    tx = optax.sgd(0.1)
+    state, frozen, sh = jlora.train.init(params, tx, jax.random.key(0), train="all")
+    assert jax.tree.leaves(frozen) == []
+
+    def loss_fn(p, batch, rng):
+        y = batch["x"] @ p["params"]["a"]["kernel"] @ p["params"]["b"]["kernel"]
+        return jnp.mean(y ** 2), {}
+
+    step = jlora.train.make_train_step(loss_fn, tx, sh)
+    state, _ = step(state, frozen, {"x": jnp.ones((8, 4))})
+    assert all(bool(jnp.all(x != 1.0)) for x in jax.tree.leaves(state.params))
+    adapted = jlora.inject(params, jlora.LoraConfig(rank=2, targets=["a"]), jax.random.key(1))
+    with pytest.raises(ConfigError, match="holds adapters"):
+        jlora.train.init(adapted, tx, jax.random.key(0), train="all")
+    with pytest.raises(ConfigError, match="not floating point"):
+        jlora.train.init({"n": jnp.ones(3, jnp.int32), **params}, tx, jax.random.key(0),
+                         train="all")
+    with pytest.raises(ConfigError, match="train='some'"):
+        jlora.train.init(params, tx, jax.random.key(0), train="some")
