@@ -146,13 +146,9 @@ def _host(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
-def finetune(cfg: Finetune, *, progress: bool = True, log: Callable[[str], None] = print,
-             stop_after: int | None = None) -> dict[str, Any]:
-    """Runs ``jlora finetune``; returns a summary dict (also printed).
-
-    ``stop_after`` ends the loop after that many steps of this call, as an interruption
-    would (for tests of ``--resume``).
-    """
+def finetune(cfg: Finetune, *, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs ``jlora finetune``; returns a summary dict (also printed)."""
     out = Path(cfg.out)
     # cheap checks first: the run directory, the model's config and tokenizer, the data
     saved = check_resumable(out, cfg)
@@ -216,11 +212,9 @@ def finetune(cfg: Finetune, *, progress: bool = True, log: Callable[[str], None]
             if writer:
                 _save_adapter(s, s.state.params, out)
         result = _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
-                       best, stale, out, writer, progress, log, stop_after)
+                       best, stale, out, writer, progress, log)
     finally:
         ckpt.close()
-    if result["stopped"] == "interrupted":
-        return result
     adapter_dir = out / ("model" if cfg.full else "adapter")
     if evaluate is None and writer:
         _save_adapter(s, s.state.params, out)
@@ -314,7 +308,7 @@ def _fmt_change(a: dict, b: dict, task: str) -> str:
 
 
 def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals, best, stale,
-          out, writer, progress, log, stop_after) -> dict[str, Any]:
+          out, writer, progress, log) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     metric, higher = T.TARGET_METRIC[cfg.task]
@@ -328,7 +322,6 @@ def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
     t_start = time.perf_counter()
     window_tokens, window_t = 0, time.perf_counter()
     stopped = "done"
-    ran = 0
     eval_seconds = 0.0
     saved_at = position
 
@@ -362,7 +355,6 @@ def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
         if i % cfg.train.save_every == 0 or i == total:
             ckpt.save(i, s.state, data_position=it.position, force=True)
             saved_at = i
-        ran += 1
         due = evaluate is not None and (i == total or (cfg.train.eval_every
                                                        and i % cfg.train.eval_every == 0))
         if due:
@@ -388,9 +380,6 @@ def _loop(cfg, s, step, source, position, total, ckpt, evaluate, history, evals,
                     stopped = f"early stopping at step {i}"
                     bar.write(f"no improvement of {metric} in {stale} evaluations: stopping")
                     break
-        if stop_after is not None and ran >= stop_after and it.position < total:
-            stopped = "interrupted"
-            break
     drain()
     bar.close()
     ckpt.wait()

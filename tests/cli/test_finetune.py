@@ -56,15 +56,29 @@ def test_finetune_export_generate(kind, request, text_data, tmp_path, capsys):
     assert with_adapter == merged
 
 
-def test_resume_replays_the_uninterrupted_run(llama_dir, text_data, tmp_path):
+@pytest.mark.slow
+def test_resume_after_sigkill_replays_the_uninterrupted_run(llama_dir, text_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    finetune(parse(finetune_args(llama_dir, whole, *text_data, "--lora.dropout", "0.1")),
-             progress=False)
-    partial = finetune(parse(finetune_args(llama_dir, cut, *text_data, "--lora.dropout", "0.1")),
-                       progress=False, stop_after=3)
-    assert partial["stopped"] == "interrupted" and len(losses(cut)) == 3
-    assert main(finetune_args(llama_dir, cut, *text_data, "--lora.dropout", "0.1",
-                              "--resume")) == 0
+    args = lambda out: finetune_args(llama_dir, out, *text_data, "--lora.dropout", "0.1",  # noqa: E731
+                                     "--train.save-every", "2", steps=8)
+    finetune(parse(args(whole)), progress=False)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.Popen([sys.executable, "-m", "jlora.cli", *args(cut)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (cut / "checkpoints" / "2").is_dir() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "adapter").exists() or len(losses(cut)) < 8  # killed mid-run
+    assert main([*args(cut), "--resume"]) == 0
     np.testing.assert_array_equal(losses(cut), losses(whole))
     a = jlora.hf.load_peft(jlora.hf.load(llama_dir)[1], whole / "adapter")[0]
     b = jlora.hf.load_peft(jlora.hf.load(llama_dir)[1], cut / "adapter")[0]
