@@ -120,11 +120,11 @@ class Session:
         return combine(self.state.params if trainable is None else trainable, self.frozen)
 
 
-def build_session(cfg: Finetune, total_steps: int) -> Session:
+def build_session(cfg: Finetune, total_steps: int, mesh: Any = None) -> Session:
     """Loads the base model, injects adapters and lays the run out over the mesh."""
     precision = train.Precision.bf16() if cfg.train.precision == "bf16" else train.Precision()
     lora_config = cfg.lora.to_config()
-    mesh = make_mesh(dict(cfg.train.mesh))
+    mesh = make_mesh(dict(cfg.train.mesh)) if mesh is None else mesh
     model, params, hf_config = hf.load(cfg.model, dtype=precision.frozen_dtype
                                        if cfg.train.precision == "bf16" else None)
     if not cfg.full:
@@ -154,12 +154,7 @@ def finetune(cfg: Finetune, *, progress: bool = True,
     saved = check_resumable(out, cfg)
     hf_config = read_config(cfg.model)
     check_task(cfg.task, hf_config["model_type"])
-    tokenizer = D.load_tokenizer(cfg.model)
-    fields = _fields(cfg)
-    train_docs = D.read_texts(cfg.data.train, fields, "train")
-    eval_docs = D.read_texts(cfg.data.eval, fields, "eval") if cfg.data.eval else None
-    train_arrays = _arrays(cfg, train_docs, tokenizer)
-    eval_arrays = _arrays(cfg, eval_docs, tokenizer) if eval_docs else None
+    train_arrays, eval_arrays = _data(cfg, D.load_tokenizer(cfg.model))
     per_epoch = D.rows(train_arrays) // cfg.train.batch_size
     source = D.batch_source(train_arrays, cfg.train.batch_size, cfg.train.seed)
     total = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * per_epoch))
@@ -169,12 +164,8 @@ def finetune(cfg: Finetune, *, progress: bool = True,
         + f"; {total} steps of {cfg.train.batch_size} ({per_epoch} per epoch)")
 
     mesh = make_mesh(dict(cfg.train.mesh))
-    shards = math.prod(mesh.shape[a] for a in batch_axes(mesh)) * cfg.train.accum_steps
-    if cfg.train.batch_size % shards:
-        raise ConfigError(f"--train.batch-size={cfg.train.batch_size} does not divide into "
-                          f"{shards // cfg.train.accum_steps} data-parallel shards x "
-                          f"{cfg.train.accum_steps} micro-batches: use a multiple of {shards}.")
-    s = build_session(cfg, total)
+    _check_batch(cfg, mesh)
+    s = build_session(cfg, total, mesh)
     log(f"full fine-tuning: {sum(x.size for x in jax.tree.leaves(s.state.params)):,} trainable "
         "params" if cfg.full else str(summary(s.params)))
     loss_fn = T.make_loss(cfg.task, s.model, dropout=lora_config.dropout,
@@ -261,6 +252,23 @@ def _final_tree(s: Session, evaluate: Any, result: dict) -> Any:
     _, base, _ = hf.load(s.cfg.model, dtype=s.precision.frozen_dtype
                          if s.cfg.train.precision == "bf16" else None)
     return hf.load_peft(base, Path(s.cfg.out) / "adapter")[0]
+
+
+def _data(cfg: Finetune, tokenizer: Any) -> tuple[D.Arrays, D.Arrays | None]:
+    """The tokenized training and held-out arrays (held-out: None without --data.eval)."""
+    fields = _fields(cfg)
+    train_arrays = _arrays(cfg, D.read_texts(cfg.data.train, fields, "train"), tokenizer)
+    if not cfg.data.eval:
+        return train_arrays, None
+    return train_arrays, _arrays(cfg, D.read_texts(cfg.data.eval, fields, "eval"), tokenizer)
+
+
+def _check_batch(cfg: Finetune, mesh: Any) -> None:
+    shards = math.prod(mesh.shape[a] for a in batch_axes(mesh)) * cfg.train.accum_steps
+    if cfg.train.batch_size % shards:
+        raise ConfigError(f"--train.batch-size={cfg.train.batch_size} does not divide into "
+                          f"{shards // cfg.train.accum_steps} data-parallel shards x "
+                          f"{cfg.train.accum_steps} micro-batches: use a multiple of {shards}.")
 
 
 def _fields(cfg: Finetune) -> list[str]:
