@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=RECIPE["steps"])
     ap.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     ap.add_argument("--seed", type=int, default=0, help="seed of the contenders' order")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each contender")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--worker", choices=["jlora", "peft"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -161,23 +163,36 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="demo_vs_peft-"))
     _, _, info = prepare_data(work)
     write_init_adapter(work / "init_adapter")
-    order = ["jlora", "peft"]
-    random.Random(a.seed).shuffle(order)
+    rng = random.Random(a.seed)
+    runs: dict[str, list[dict]] = {"jlora": [], "peft": []}
+    orders = []
+    for round_ in range(a.rounds):
+        order = ["jlora", "peft"]
+        rng.shuffle(order)
+        if round_ % 2:  # every other round reverses the previous one: each goes first as often
+            order = orders[-1][::-1]
+        orders.append(order)
+        for name in order:
+            print(f"round {round_ + 1}: running {name} ...", flush=True)
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "experiments.demo_vs_peft", "--worker", name,
+                            "--work", str(work), "--steps", str(a.steps), "--batch-size",
+                            str(a.batch_size)], check=True, cwd=Path(__file__).parent.parent,
+                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            r = json.loads((work / f"{name}.json").read_text())
+            r["process_seconds"] = time.perf_counter() - t0
+            runs[name].append(r)
+            print(f"  {name}: recall@1 {r['before']['eval_recall@1']:.3f} -> "
+                  f"{r['after']['eval_recall@1']:.3f} in {r['train_seconds']:.1f}s of training",
+                  flush=True)
     results = {}
-    for name in order:
-        print(f"running {name} ...", flush=True)
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "experiments.demo_vs_peft", "--worker", name,
-                        "--work", str(work), "--steps", str(a.steps), "--batch-size",
-                        str(a.batch_size)], check=True, cwd=Path(__file__).parent.parent,
-                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        results[name] = json.loads((work / f"{name}.json").read_text())
-        results[name]["process_seconds"] = time.perf_counter() - t0
-        print(f"  {name}: recall@1 {results[name]['before']['eval_recall@1']:.3f} -> "
-              f"{results[name]['after']['eval_recall@1']:.3f} in "
-              f"{results[name]['train_seconds']:.1f}s of training", flush=True)
+    for name, rs in runs.items():
+        results[name] = {**rs[-1], "train_seconds": statistics.median(
+            r["train_seconds"] for r in rs), "train_seconds_runs": [r["train_seconds"] for r in rs],
+            "recall_after_runs": [r["after"]["eval_recall@1"] for r in rs]}
+        results[name].pop("losses", None)
     report = {"recipe": {**RECIPE, "steps": a.steps, "batch_size": a.batch_size},
-              "data": info, "order": order, "results": results, "versions": _versions(),
+              "data": info, "orders": orders, "results": results, "versions": _versions(),
               "machine": _machine(), "date": time.strftime("%Y-%m-%d")}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +211,8 @@ def markdown(report: dict) -> str:
         x = res[name]
         rows.append(f"| {label} | {x['before']['eval_recall@1']:.3f} -> "
                     f"{x['after']['eval_recall@1']:.3f} | {x['before']['eval_mrr']:.3f} -> "
-                    f"{x['after']['eval_mrr']:.3f} | {x['train_seconds']:.1f} | "
+                    f"{x['after']['eval_mrr']:.3f} | {x['train_seconds']:.1f} ("
+                    + ", ".join(f"{t:.1f}" for t in x["train_seconds_runs"]) + ") | "
                     f"{x['train_seconds'] / peft_s:.2f} |")
     d = report["data"]
     return "\n".join([
@@ -207,8 +223,11 @@ def markdown(report: dict) -> str:
         f"of {r['batch_size']} pairs, max length {r['max_length']}, lr {r['lr']} "
         f"(warm-up {r['warmup_steps']}, cosine), clip {r['clip_norm']}, dropout "
         f"{r['dropout']}, temperature {r['temperature']}; same initial adapter and batch "
-        f"order on both sides. Run order: {', '.join(report['order'])}.", "",
-        "| contender | held-out recall@1 | held-out MRR | training s | vs peft |",
+        f"order on both sides. {len(report['orders'])} rounds, each running both contenders "
+        f"(orders: {'; '.join(', '.join(o) for o in report['orders'])}); training "
+        "time is the median over rounds and excludes evaluation, model loading and "
+        "tokenization (jlora's includes compiling the step).", "",
+        "| contender | held-out recall@1 | held-out MRR | training s (runs) | vs peft |",
         "|---|---|---|---:|---:|", *rows, "",
         f"Machine: {report['machine']}. Versions: "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", ""])
