@@ -14,6 +14,7 @@ from jlora import schema
 from jlora.errors import ConfigError
 
 _INITS = ("default", "gaussian", "pissa", "olora", "random")
+_BIAS_MODES = ("none", "all", "lora_only")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)$")
 
 
@@ -67,7 +68,14 @@ class LoraConfig:
         rewrite the base kernel to its residual), or ``"random"`` (B non-zero too; PEFT's
         ``init_lora_weights=False``, for tests).
       use_rslora: rank-stabilised scaling ``alpha / sqrt(rank)``.
-      use_dora: reserved for DoRA; not implemented yet (raises).
+      use_dora: DoRA (Liu et al. 2024, PEFT's ``use_dora``): a trainable per-output-feature
+        magnitude rescales ``W + scale * A @ B`` to unit column norms times the magnitude
+        (Dense, DenseGeneral and Einsum kernels).
+      modules_to_save: PEFT ``modules_to_save``: modules (a module path ending with an entry,
+        as PEFT's string suffix match) whose params get a full trainable copy, e.g. a
+        classification head; they are no LoRA targets.
+      bias: PEFT ``bias``: ``"none"``, ``"all"`` (every ``bias`` param gets a trainable copy)
+        or ``"lora_only"`` (the biases of the adapted modules).
 
     Example:
       >>> cfg = LoraConfig(rank=8, alpha=16, targets=["q_proj", "v_proj"], dropout=0.05)
@@ -89,6 +97,8 @@ class LoraConfig:
     init: str = "default"
     use_rslora: bool = False
     use_dora: bool = False
+    modules_to_save: tuple[str, ...] | None = None
+    bias: str = "none"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -167,10 +177,20 @@ class LoraConfig:
                     f"{name}={getattr(self, name)!r}: must be True or False "
                     "(a bool, not a string or a number)."
                 )
-        if self.use_dora:
+        saved = self.modules_to_save
+        if saved is not None:
+            if isinstance(saved, str) or not isinstance(saved, Sequence | set | frozenset) or \
+                    not all(isinstance(m, str) and m for m in saved):
+                raise ConfigError(
+                    f"modules_to_save={saved!r}: give a list of module names (PEFT matches "
+                    "each as a suffix of the module path), e.g. ['classifier'], or None."
+                )
+            saved = tuple(sorted(saved)) if isinstance(saved, set | frozenset) else tuple(saved)
+            set_("modules_to_save", saved or None)
+        if self.bias not in _BIAS_MODES:
             raise ConfigError(
-                "use_dora=True: DoRA is on jlora's roadmap but not implemented "
-                "yet; set use_dora=False."
+                f"bias={self.bias!r}: choose 'none', 'all' (train every bias) or 'lora_only' "
+                "(train the biases of the adapted modules), as PEFT's bias."
             )
 
     # ---------------------------------------------------------------- per-module values
@@ -233,8 +253,8 @@ class LoraConfig:
             "use_dora": self.use_dora,
             "init_lora_weights": init,
             "fan_in_fan_out": False,
-            "bias": "none",
-            "modules_to_save": None,
+            "bias": self.bias,
+            "modules_to_save": seq(self.modules_to_save),
             "inference_mode": True,
         }
         d.update(extra)
@@ -247,8 +267,8 @@ class LoraConfig:
         Each field of peft's ``LoraConfig`` (peft 0.21) is either read (``r``, ``lora_alpha``,
         targets, layers, patterns, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``),
         metadata that does not change the math (type-checked), or a feature jlora does not
-        implement, accepted only when off (DoRA, biases, ``modules_to_save``,
-        ``layer_replication``, LoftQ/CorDA/LoRA-GA inits, aLoRA, other LoRA variants...).
+        implement, accepted only when off (``layer_replication``, LoftQ/CorDA/LoRA-GA inits,
+        aLoRA, other LoRA variants...). ``use_dora``, ``bias`` and ``modules_to_save`` are read.
         A field peft 0.21 does not have (a newer peft's) is accepted only when off (null,
         false, empty): jlora cannot tell whether it changes the math. See
         :data:`PEFT_FIELDS`.

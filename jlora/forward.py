@@ -14,6 +14,7 @@ import functools
 import math
 import string
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -21,8 +22,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from jlora import paths as P
-from jlora.errors import ConfigError, UnconsumedAdapterError
-from jlora.merge import fold_modules, merge
+from jlora.errors import ConfigError, LayoutError, UnconsumedAdapterError
+from jlora.merge import copy_params, fold_copy, fold_modules, merge, weight_norm
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 
@@ -56,6 +57,46 @@ def _free_letter(eq: str) -> str:
     return next(c for c in string.ascii_letters if c not in eq)
 
 
+# ----------------------------------------------------------------------------- geometry
+# How each layer kind maps its input and kernel to 2-D matrices and back.
+
+
+def _input(args: tuple, kwargs: dict) -> jax.Array:
+    return args[0] if args else kwargs["inputs"]
+
+
+def _einsum_parts(mod: nn.Einsum, args: tuple, kwargs: dict, n_in: int):
+    """``(input spec, kernel input letters, kernel output letters, output spec)``."""
+    eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or mod.einsum_str
+    eq = eq.replace(" ", "")
+    lhs, out = eq.split("->")
+    xs, ks = lhs.split(",")
+    return xs, ks[:n_in], ks[n_in:], out
+
+
+def _dense_2d(mod: nn.Dense | nn.DenseGeneral, x: jax.Array, n_in: int):
+    """A Dense/DenseGeneral input as (tokens, features): ``(x2d, leading shape)``."""
+    axis = (-1,) if isinstance(mod, nn.Dense) else (
+        mod.axis if isinstance(mod.axis, tuple | list) else (mod.axis,))
+    axis = tuple(ax % x.ndim for ax in axis)
+    if axis != tuple(range(x.ndim - n_in, x.ndim)):  # contracted axes last, in order
+        x = jnp.moveaxis(x, axis, tuple(range(x.ndim - n_in, x.ndim)))
+    lead = x.shape[:x.ndim - n_in]
+    return x.reshape(-1, math.prod(x.shape[x.ndim - n_in:])), lead
+
+
+def _base(mod: nn.Module, args: tuple, kwargs: dict, x, kernel, n_in: int):
+    """The layer's own ``x @ W`` without its bias (Dense, DenseGeneral, Einsum)."""
+    prec = getattr(mod, "precision", None)
+    x, kernel = promote_dtype(x, kernel, dtype=mod.dtype)
+    if isinstance(mod, nn.Einsum):
+        xs, kin, kout, out = _einsum_parts(mod, args, kwargs, n_in)
+        return jnp.einsum(f"{xs},{kin}{kout}->{out}", x, kernel, precision=prec)
+    x2d, lead = _dense_2d(mod, x, n_in)
+    y = jnp.dot(x2d, kernel.reshape(x2d.shape[1], -1), precision=prec)
+    return y.reshape(*lead, *kernel.shape[n_in:])
+
+
 def _low_rank(x2d, a2d, b2d, s, prec):
     """``((x2d @ A) * scale) @ B`` on the 2-D token layout: the scale lands on the rank-r
     intermediate and every matmul is a plain (tokens, features) one, so the backward pass
@@ -64,42 +105,31 @@ def _low_rank(x2d, a2d, b2d, s, prec):
     return jnp.dot(t, b2d, precision=prec)
 
 
-def _delta(mod: nn.Module, method: str, args: tuple, kwargs: dict, a, b, s, rate: float):
+def _embed_delta(mod: nn.Embed, method: str, args: tuple, a, b, s):
+    if method == "attend":  # the tied head: q @ (A @ B).T = (q @ B.T) @ A.T
+        q, a, b = promote_dtype(args[0], a, b, dtype=mod.dtype)
+        q2d = q.reshape(-1, q.shape[-1])
+        return _low_rank(q2d, b.T, a.T, s, None).reshape(*q.shape[:-1], a.shape[0])
+    (a, b) = promote_dtype(a, b, dtype=mod.dtype)
+    t = jnp.take(a, args[0], axis=0) * s.astype(a.dtype)
+    return jnp.dot(t, b, precision=None)
+
+
+def _delta(mod: nn.Module, args: tuple, kwargs: dict, x, a, b, s):
+    """``scale * x @ A @ B`` in the layer's output layout, for its (dropped-out) input x."""
     prec = getattr(mod, "precision", None)
-    if isinstance(mod, nn.Embed):
-        if method == "attend":  # the tied head: q @ (A @ B).T = (q @ B.T) @ A.T
-            q, a, b = promote_dtype(args[0], a, b, dtype=mod.dtype)
-            q2d = q.reshape(-1, q.shape[-1])
-            return _low_rank(q2d, b.T, a.T, s, None).reshape(*q.shape[:-1], a.shape[0])
-        ids = args[0]
-        (a, b) = promote_dtype(a, b, dtype=mod.dtype)
-        t = jnp.take(a, ids, axis=0) * s.astype(a.dtype)
-        return jnp.dot(t, b, precision=None)
-    x = args[0] if args else kwargs["inputs"]
-    x = _dropout(mod, x, rate)
     x, a, b = promote_dtype(x, a, b, dtype=mod.dtype)
     n_in = a.ndim - 1
     r = a.shape[-1]
     if isinstance(mod, nn.Dense | nn.DenseGeneral):
-        axis = (-1,) if isinstance(mod, nn.Dense) else (
-            mod.axis if isinstance(mod.axis, tuple | list) else (mod.axis,))
-        axis = tuple(ax % x.ndim for ax in axis)
-        if axis != tuple(range(x.ndim - n_in, x.ndim)):  # contracted axes last, in order
-            x = jnp.moveaxis(x, axis, tuple(range(x.ndim - n_in, x.ndim)))
-        lead = x.shape[:x.ndim - n_in]
-        y = _low_rank(x.reshape(-1, math.prod(x.shape[x.ndim - n_in:])), a.reshape(-1, r),
-                      b.reshape(r, -1), s, prec)
+        x2d, lead = _dense_2d(mod, x, n_in)
+        y = _low_rank(x2d, a.reshape(-1, r), b.reshape(r, -1), s, prec)
         return y.reshape(*lead, *b.shape[1:])
     if isinstance(mod, nn.Einsum):
-        eq = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or mod.einsum_str
-        eq = eq.replace(" ", "")
-        lhs, out = eq.split("->")
-        xs, ks = lhs.split(",")
-        rl = _free_letter(eq)
+        xs, kin, kout, out = _einsum_parts(mod, args, kwargs, n_in)
+        rl = _free_letter(xs + kin + kout + out)
         ell = "..." if "..." in xs else ""
-        xs_plain = xs.replace("...", "")
-        kin, kout = ks[:n_in], ks[n_in:]
-        t_spec = ell + "".join(c for c in xs_plain if c in out) + rl
+        t_spec = ell + "".join(c for c in xs.replace("...", "") if c in out) + rl
         t = jnp.einsum(f"{xs},{kin}{rl}->{t_spec}", x, a, precision=prec) * s.astype(x.dtype)
         return jnp.einsum(f"{t_spec},{rl}{kout}->{out}", t, b, precision=prec)
     if isinstance(mod, nn.Conv):
@@ -108,6 +138,44 @@ def _delta(mod: nn.Module, method: str, args: tuple, kwargs: dict, a, b, s, rate
         y = jnp.dot(t.reshape(-1, r), b.reshape(r, -1), precision=prec)
         return y.reshape(*t.shape[:-1], *b.shape[1:])
     raise TypeError(type(mod))  # pragma: no cover - _SUPPORTED is exhaustive
+
+
+def _per_feature(mod: nn.Module, args: tuple, kwargs: dict, v: jax.Array, ndim: int,
+                 n_in: int) -> jax.Array:
+    """``v``, indexed by the kernel's output axes, shaped to broadcast over the layer's
+    ``ndim``-axis output (Dense, DenseGeneral: the trailing axes; Einsum: where its output
+    spec puts them)."""
+    if not isinstance(mod, nn.Einsum):
+        return v
+    _, _, kout, out = _einsum_parts(mod, args, kwargs, n_in)
+    pre, _, post = out.partition("...")
+    sizes = dict(zip(kout, v.shape))
+    order = [c for c in pre + post if c in sizes]
+    v = jnp.transpose(v, [kout.index(c) for c in order])
+    shape = [sizes[c] if c in sizes else 1 for c in pre]
+    shape += [1] * (ndim - len(pre) - len(post)) + [sizes[c] if c in sizes else 1 for c in post]
+    return v.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- adapter kinds
+
+
+def _dora(mod: nn.Module, args: tuple, kwargs: dict, y, d, xd, kernel, a, b, s, m):
+    """PEFT's DoRA forward: ``m / n * (x @ W + scale * x @ A @ B) + bias``, with ``n`` the
+    norm of ``W + scale * A @ B`` per output feature, detached from the gradient (the DoRA
+    paper's section 4.3, as PEFT). The norm is the only place ``W + scale * A @ B`` is
+    formed; activations take the layer's own ``x @ W`` and the low-rank ``d``. With dropout
+    on the adapter input, PEFT recomputes the base on the dropped input: ``y + (m / n - 1) *
+    (dropout(x) @ W) + m / n * d``, and so does this."""
+    n_in = a.ndim - 1
+    n = jax.lax.stop_gradient(weight_norm(kernel, a, b, s))
+    lay = lambda v: _per_feature(mod, args, kwargs, v.astype(y.dtype), y.ndim, n_in)  # noqa: E731
+    f = lay(m / n)
+    bias = lay(P.unbox(mod.get_variable("params", "bias"))) if mod.has_variable(
+        "params", "bias") else jnp.zeros((), y.dtype)
+    if xd is _input(args, kwargs):  # no dropout in this call: the layer's output serves
+        return f * (y - bias + d) + bias
+    return y + (f - 1) * _base(mod, args, kwargs, xd, kernel, n_in).astype(y.dtype) + f * d
 
 
 def _interceptor(rate: float, consumed: set[str]) -> Callable:
@@ -120,16 +188,37 @@ def _interceptor(rate: float, consumed: set[str]) -> Callable:
         param = "embedding" if isinstance(mod, nn.Embed) else "kernel"
         if mod.scope is None or not mod.has_variable("params", param + P.A_SUFFIX):
             return next_fun(*args, **kwargs)
-        consumed.add(".".join(str(p) for p in mod.scope.path))
+        path = ".".join(str(p) for p in mod.scope.path)
+        consumed.add(path)
         y = next_fun(*args, **kwargs)
         if mod.has_variable("params", param + P.MERGED_SUFFIX):
             return y
         get = lambda suffix: P.unbox(mod.get_variable("params", param + suffix))  # noqa: E731
-        d = _delta(mod, method, args, kwargs, get(P.A_SUFFIX), get(P.B_SUFFIX),
-                   get(P.SCALE_SUFFIX), rate)
-        return y + d.astype(y.dtype)
+        a, b, s = get(P.A_SUFFIX), get(P.B_SUFFIX), get(P.SCALE_SUFFIX)
+        dora = mod.has_variable("params", param + P.MAGNITUDE_SUFFIX)
+        if dora and isinstance(mod, nn.Embed | nn.Conv):
+            raise LayoutError(f"{path}: DoRA adapts Dense, DenseGeneral and Einsum layers only, "
+                              f"not {type(mod).__name__}; inject it with use_dora=False.")
+        if isinstance(mod, nn.Embed):  # no dropout on embeddings, as PEFT
+            return y + _embed_delta(mod, method, args, a, b, s).astype(y.dtype)
+        xd = _dropout(mod, _input(args, kwargs), rate)
+        d = _delta(mod, args, kwargs, xd, a, b, s).astype(y.dtype)
+        if not dora:
+            return y + d
+        return _dora(mod, args, kwargs, y, d, xd, get(""), a, b, s, get(P.MAGNITUDE_SUFFIX))
 
     return interceptor
+
+
+def _read_copies(tree: Any) -> Any:
+    """The tree with each trainable copy in its param's place (what the model reads)."""
+    def fn(_, leaves):
+        out = dict(leaves)
+        for param in copy_params(leaves):
+            fold_copy(out, param, True)
+        return out
+
+    return P.map_modules(tree, fn)
 
 
 def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
@@ -179,10 +268,13 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
             return fn(variables, *args, **kwargs)
         if mode == "merge":
             return fn(merge(variables, unload=True), *args, **kwargs)
+        if any(ad.kind == "copy" and not ad.merged for ad in adapters.values()):
+            variables = P.with_params(variables, _read_copies(P.params_of(variables)))
         consumed: set[str] = set()
         with nn.intercept_methods(_interceptor(dropout, consumed)):
             out = fn(variables, *args, **kwargs)
-        missing = sorted({m for (m, _), merged in adapters.items() if not merged} - consumed)
+        missing = sorted({m for (m, _), ad in adapters.items()
+                          if not ad.merged and ad.kind != "copy"} - consumed)
         if not missing:
             return out
         if on_unconsumed == "raise":

@@ -24,6 +24,7 @@ from jlora.errors import (
     TargetError,
 )
 from jlora.layout import Layout
+from jlora.merge import weight_norm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class PlanEntry:
       n_in: number of leading input axes.
       rank, alpha, scaling: the adapter's rank, alpha and scale.
       dtype: the adapters' dtype (fp32 for a half-precision base, as PEFT autocasts).
+      dora: whether the adapter is DoRA's (with a magnitude of the output shape).
 
     Example:
       >>> e = PlanEntry("q", "kernel", (16, 3, 4), 1, 2, 4.0, 2.0, "float32")
@@ -52,6 +54,7 @@ class PlanEntry:
     alpha: float
     scaling: float
     dtype: Any
+    dora: bool = False
 
     @property
     def a_shape(self) -> tuple[int, ...]:
@@ -62,8 +65,14 @@ class PlanEntry:
         return (self.rank, *self.shape[self.n_in:])
 
     @property
+    def magnitude_shape(self) -> tuple[int, ...] | None:
+        """DoRA's magnitude: one per output feature (None without DoRA)."""
+        return self.shape[self.n_in:] if self.dora else None
+
+    @property
     def n_params(self) -> int:
-        return math.prod(self.a_shape) + math.prod(self.b_shape)
+        m = math.prod(self.magnitude_shape) if self.dora else 0
+        return math.prod(self.a_shape) + math.prod(self.b_shape) + m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +92,12 @@ class Plan:
 
     entries: tuple[PlanEntry, ...]
     base_params: int
+    copies: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """``(param path, shape)`` of each trainable copy (modules_to_save, bias modes)."""
 
     @property
     def adapter_params(self) -> int:
-        return sum(e.n_params for e in self.entries)
+        return sum(e.n_params for e in self.entries) + sum(math.prod(s) for _, s in self.copies)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -102,6 +113,11 @@ class Plan:
         fmt = lambda r: "  ".join(  # noqa: E731
             c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
         lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, rows)]
+        if self.copies:
+            n = sum(math.prod(s) for _, s in self.copies)
+            lines.append(f"{len(self.copies)} trainable copies (modules_to_save, bias): "
+                         f"{', '.join(p for p, _ in self.copies[:4])}"
+                         f"{', ...' if len(self.copies) > 4 else ''} ({n:,} params)")
         total = self.base_params + self.adapter_params
         lines.append(f"{len(self.entries)} adapted kernels, {self.adapter_params:,} adapter "
                      f"params ({100 * self.adapter_params / max(total, 1):.4f}% of {total:,})")
@@ -168,7 +184,8 @@ def _plan(tree: Any, config: LoraConfig, layout: Layout | None
         if not targets:
             raise TargetError("'all-linear' found no linear kernel (a 'kernel' leaf that is "
                               "not the output head) in this tree.")
-    rule = lambda m: P.target_matches(  # noqa: E731
+    saved = _saved_modules(config, leaves, modules)
+    rule = lambda m: not _inside_saved(m, config) and P.target_matches(  # noqa: E731
         m, targets, exclude=config.exclude, layers=config.layers,
         layers_pattern=config.layers_pattern)
     matched = sorted(m for m in modules | set(leaves) if rule(m))
@@ -178,7 +195,8 @@ def _plan(tree: Any, config: LoraConfig, layout: Layout | None
         near = P.nearest(probe, [m for m in leaves if m])
         raise TargetError(
             f"targets {shown!r} match no module (exclude={config.exclude!r}, "
-            f"layers={config.layers!r}). Nearest module paths: {', '.join(near)}. A list entry "
+            f"layers={config.layers!r}, modules_to_save={config.modules_to_save!r}, which "
+            f"are no targets). Nearest module paths: {', '.join(near)}. A list entry "
             "matches a path exactly or as a '.'-suffix; a string is a re.fullmatch regex.")
 
     entries = []
@@ -210,8 +228,54 @@ def _plan(tree: Any, config: LoraConfig, layout: Layout | None
         if emb:
             raise ConfigError(f"init={config.init!r} decomposes kernels, but {emb[0]!r} is an "
                               "embedding; exclude embeddings or use init='default'.")
+    copies = _copies(config, leaves, saved, {e.module for e in entries})
     base = sum(int(np.size(P.unbox(x))) for ls in leaves.values() for x in ls.values())
-    return Plan(tuple(entries), base), leaves
+    shapes = tuple((f"{m}.{n}" if m else n, tuple(np.shape(P.unbox(leaves[m][n]))))
+                   for m, n in copies)
+    return Plan(tuple(entries), base, shapes), leaves
+
+
+def _inside_saved(module: str, config: LoraConfig) -> bool:
+    """PEFT never adapts a module in (or inside) one of ``modules_to_save``."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.modules_to_save or ())
+
+
+def _saved_modules(config: LoraConfig, leaves: dict[str, dict[str, Any]],
+                   modules: set[str]) -> list[str]:
+    """The modules ``modules_to_save`` copies: PEFT's rule, a module path ending with an entry
+    (a plain string suffix)."""
+    names = config.modules_to_save or ()
+    found = sorted(m for m in modules | set(leaves) if m and any(m.endswith(t) for t in names))
+    for name in names:
+        if not any(m.endswith(name) for m in found):
+            near = P.nearest(name, [m for m in leaves if m])
+            raise TargetError(f"modules_to_save entry {name!r} matches no module (PEFT matches "
+                              "an entry as the end of a module path). Nearest module paths: "
+                              f"{', '.join(near)}.")
+    for outer in found:
+        inner = [m for m in found if m.startswith(outer + ".")]
+        if inner:
+            raise ConfigError(f"modules_to_save matches {outer!r} and {inner[0]!r} inside it: "
+                              "the copy of the outer module holds the inner one; list only one.")
+    return found
+
+
+def _copies(config: LoraConfig, leaves: dict[str, dict[str, Any]], saved: list[str],
+            adapted: set[str]) -> list[tuple[str, str]]:
+    """``(module, param)`` of every trainable copy: each param of the ``modules_to_save``
+    modules (and their sub-modules), then the biases the ``bias`` mode trains."""
+    inside = lambda m, s: m == s or m.startswith(s + ".")  # noqa: E731
+    out = [(m, n) for m in sorted(leaves) if any(inside(m, s) for s in saved)
+           for n in sorted(leaves[m])]
+    for m, n in out:
+        if not jnp.issubdtype(getattr(P.unbox(leaves[m][n]), "dtype", float), jnp.floating):
+            raise ConfigError(f"modules_to_save: {m}.{n} is not a floating-point param; a "
+                              "trainable copy needs one.")
+    if config.bias != "none":
+        covered = set(out)
+        out += [(m, "bias") for m in sorted(leaves) if "bias" in leaves[m]
+                and (m, "bias") not in covered and (config.bias == "all" or m in adapted)]
+    return out
 
 
 def _entry(config, module, param, shape, leaf, layout) -> PlanEntry:
@@ -240,6 +304,10 @@ def _entry(config, module, param, shape, leaf, layout) -> PlanEntry:
             raise LayoutError(f"{where}: LoRA cannot adapt this {info.kind}: "
                               f"{info.unsupported}. Exclude it from the targets.")
         n_in = info.n_in
+    if config.use_dora and (param == "embedding" or (info is not None and info.kind == "conv")):
+        raise LayoutError(f"{where}: DoRA adapts Dense, DenseGeneral and Einsum kernels only, "
+                          f"not {'an Embed' if param == 'embedding' else 'a Conv'}; exclude it "
+                          "from the targets or set use_dora=False.")
     rank, alpha = config.rank_for(module), config.alpha_for(module)
     n_fan_in, n_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
     if rank > min(n_fan_in, n_out):
@@ -249,7 +317,7 @@ def _entry(config, module, param, shape, leaf, layout) -> PlanEntry:
     if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 4:
         dtype = jnp.dtype(jnp.float32)
     return PlanEntry(module, param, shape, n_in, rank, alpha, config.scaling_for(rank, alpha),
-                     dtype)
+                     dtype, config.use_dora)
 
 
 def check_key(key: Any) -> None:
@@ -333,7 +401,10 @@ def _like(kernel_leaf: Any, value: jax.Array, axes: Sequence[int | None] | None)
 
 def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | None = None):
     """Adds ``<param>_lora_a`` (in..., r), ``<param>_lora_b`` (r, out...) and the scale
-    ``<param>_lora_scale`` beside every kernel the config targets.
+    ``<param>_lora_scale`` beside every kernel the config targets; with ``use_dora``, DoRA's
+    magnitude ``<param>_lora_magnitude`` (out...), the norm of ``W + scale * A @ B`` per output
+    feature as PEFT starts it; and ``<param>_lora_saved``, a trainable copy, beside each param
+    of ``modules_to_save`` and each bias the ``bias`` mode trains.
 
     B starts at zero (A at zero for embeddings, as PEFT), so the model is unchanged at init
     (except ``init='pissa'/'olora'``, which rewrite the kernel to its residual so that the
@@ -374,7 +445,17 @@ def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | 
         }
         if residual is not None:
             new[e.param] = _like(leaf, residual, list(range(len(e.shape))))
+        if e.dora:  # PEFT: the norm of W + scale * A @ B per output feature, at init
+            w = kernel if residual is None else residual
+            m = weight_norm(w, a, b, e.scaling).astype(e.dtype)
+            new[e.param + P.MAGNITUDE_SUFFIX] = _like(leaf, m, list(range(e.n_in, len(e.shape))))
         additions[e.module] = new
+    for path, _ in p.copies:
+        module, name = P.split_path(path)
+        leaf = leaves[module][name]
+        axes = list(range(np.ndim(P.unbox(leaf))))
+        copy = jnp.array(P.unbox(leaf), copy=True)  # its own buffer: training may donate it
+        additions.setdefault(module, {})[name + P.SAVED_SUFFIX] = _like(leaf, copy, axes)
     done: set[str] = set()
 
     def add(module, ls):

@@ -1,9 +1,11 @@
 """merge / unmerge / delta: fold adapters into their kernels and back.
 
 ``merge`` keeps A and B (and marks the adapter merged, ``<param>_lora_merged`` in place of
-``<param>_lora_scale``) so that ``unmerge`` can restore the tree; ``unload=True`` drops them
-for export. ``lora(fn)`` skips merged adapters, and plain ``model.apply`` ignores the extra
-leaves, so a merged tree runs at zero overhead.
+``<param>_lora_scale``; DoRA keeps the weight norm it divided by, ``<param>_lora_norm``;
+a trainable copy takes its param's place, the original kept as ``<param>_lora_original``)
+so that ``unmerge`` can restore the tree; ``unload=True`` drops them for export.
+``lora(fn)`` skips merged adapters, and plain ``model.apply`` ignores the extra leaves, so a
+merged tree runs at zero overhead.
 """
 
 from __future__ import annotations
@@ -28,36 +30,110 @@ def delta_w(a: Any, b: Any, scale: Any, dtype: Any = None) -> Any:
     return d if dtype is None else d.astype(dtype)
 
 
-def _fold(leaves: dict[str, Any], param: str, sign: float) -> Any:
-    kernel = leaves[param]
-    state = leaves.get(param + P.SCALE_SUFFIX, leaves.get(param + P.MERGED_SUFFIX))
+def _column_norm(v: Any, n_in: int) -> Any:
+    return jnp.sqrt(jnp.sum(v * v, axis=tuple(range(n_in))))
+
+
+def weight_norm(kernel: Any, a: Any, b: Any, scale: Any) -> Any:
+    """DoRA's ``||W + scale * A @ B||`` over the input axes: one norm per output feature.
+
+    PEFT's ``get_weight_norm`` (the column norm of ``W + scale * B @ A`` in torch's (out, in)
+    layout, GPT-2's Conv1D transposed first). The only place DoRA forms ``W + scale * A @ B``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> weight_norm(jnp.ones((4, 3)), jnp.zeros((4, 2)), jnp.zeros((2, 3)), 1.0)
+      Array([2., 2., 2.], dtype=float32)
+    """
+    w, d = P.unbox(kernel), delta_w(a, b, scale)
+    return _column_norm(w.astype(jnp.promote_types(w.dtype, d.dtype)) + d, P.unbox(a).ndim - 1)
+
+
+def _rebox(leaf: Any, value: Any) -> Any:
+    return leaf.replace_boxed(value) if P.is_box(leaf) else value
+
+
+def _dora_weights(leaves: dict[str, Any], param: str, d: Any) -> tuple[Any, Any, Any]:
+    """``(unmerged W, merged W, weight norm)`` of a DoRA adapter whose ``scale * A @ B`` is
+    ``d``, in the promoted dtype: merged is ``m / n * (W + d)``."""
+    w = P.unbox(leaves[param])
+    w = w.astype(jnp.promote_types(w.dtype, d.dtype))
+    m = P.unbox(leaves[param + P.MAGNITUDE_SUFFIX])
+    if param + P.NORM_SUFFIX in leaves:  # merged: the param holds m / n * (W + d)
+        n = P.unbox(leaves[param + P.NORM_SUFFIX])
+        return w * (n / m) - d, w, n
+    n = _column_norm(w + d, P.unbox(leaves[param + P.A_SUFFIX]).ndim - 1)
+    return w, (m / n) * (w + d), n
+
+
+def _fold_adapter(out: dict[str, Any], param: str, into: bool) -> None:
+    """Folds one LoRA or DoRA adapter into (or out of) ``out[param]``, in place in ``out``.
+
+    LoRA: ``W +- scale * A @ B``. DoRA (PEFT's merge): ``W' = m / n * (W + scale * A @ B)``
+    with ``n`` the weight norm, kept as ``<param>_lora_norm`` so that unmerge can divide by
+    it; unmerge is ``W = W' * n / m - scale * A @ B``.
+    """
+    src, dst = (P.SCALE_SUFFIX, P.MERGED_SUFFIX) if into else (P.MERGED_SUFFIX, P.SCALE_SUFFIX)
+    if param + src not in out:
+        return  # already in the wanted state
+    kernel = out[param]
     w = P.unbox(kernel)
-    d = delta_w(leaves[param + P.A_SUFFIX], leaves[param + P.B_SUFFIX], state)
-    new = (w.astype(jnp.promote_types(w.dtype, d.dtype)) + sign * d).astype(w.dtype)
-    return kernel.replace_boxed(new) if P.is_box(kernel) else new
+    d = delta_w(out[param + P.A_SUFFIX], out[param + P.B_SUFFIX], out[param + src])
+    if param + P.MAGNITUDE_SUFFIX not in out:
+        new = w.astype(jnp.promote_types(w.dtype, d.dtype)) + (d if into else -d)
+    else:
+        before, after, n = _dora_weights(out, param, d)
+        new = after if into else before
+        mag = out[param + P.MAGNITUDE_SUFFIX]
+        if into:
+            out[param + P.NORM_SUFFIX] = _rebox(mag, n.astype(P.unbox(mag).dtype))
+        else:
+            del out[param + P.NORM_SUFFIX]
+    out[param] = _rebox(kernel, new.astype(w.dtype))
+    out[param + dst] = out.pop(param + src)
+
+
+def fold_copy(out: dict[str, Any], param: str, into: bool) -> None:
+    """Swaps a trainable copy into ``out[param]`` (keeping the original aside) or back."""
+    src, dst = (P.SAVED_SUFFIX, P.ORIGINAL_SUFFIX) if into else (P.ORIGINAL_SUFFIX,
+                                                                 P.SAVED_SUFFIX)
+    if param + src in out:
+        out[param], out[param + dst] = out.pop(param + src), out[param]
+
+
+def copy_params(leaves: dict[str, Any]) -> list[str]:
+    """Names of the params with a trainable copy among one module's leaves."""
+    return sorted(n[: -len(s)] for n in leaves for s in (P.SAVED_SUFFIX, P.ORIGINAL_SUFFIX)
+                  if n.endswith(s))
+
+
+_ADAPTER_LEAVES = (P.A_SUFFIX, P.B_SUFFIX, P.MERGED_SUFFIX, P.MAGNITUDE_SUFFIX, P.NORM_SUFFIX)
 
 
 def fold_modules(tree: Any, *, into: bool, unload: bool = False,
                  only: set[str] | None = None) -> Any:
-    """Folds adapters into (``into=True``) or out of their kernels, module by module.
+    """Folds adapters into (``into=True``) or out of their params, module by module.
 
-    Folding in turns ``<param>_lora_scale`` into the ``<param>_lora_merged`` marker (or
-    drops A, B and the marker with ``unload``); folding out reverses it. ``only`` limits the
-    work to some module paths. Adapters already in the wanted state are left alone.
+    Folding in turns ``<param>_lora_scale`` into the ``<param>_lora_merged`` marker and swaps
+    each trainable copy in (``<param>_lora_saved`` -> ``<param>``, the original kept as
+    ``<param>_lora_original``), or, with ``unload``, drops every adapter leaf; folding out
+    reverses it. ``only`` limits the work to some module paths. Adapters already in the
+    wanted state are left alone.
     """
-    src, dst = (P.SCALE_SUFFIX, P.MERGED_SUFFIX) if into else (P.MERGED_SUFFIX, P.SCALE_SUFFIX)
 
     def fn(module, leaves):
         if only is not None and module not in only:
             return leaves
         out = dict(leaves)
         for param in P.adapter_params(leaves):
-            if param + src in leaves:
-                out[param] = _fold(leaves, param, +1.0 if into else -1.0)
-                out[param + dst] = out.pop(param + src)
+            _fold_adapter(out, param, into)
             if unload:
-                for s in (P.A_SUFFIX, P.B_SUFFIX, P.MERGED_SUFFIX):
+                for s in _ADAPTER_LEAVES:
                     out.pop(param + s, None)
+        for param in copy_params(leaves):
+            fold_copy(out, param, into)
+            if unload:
+                out.pop(param + P.ORIGINAL_SUFFIX, None)
         return out
 
     return P.map_modules(tree, fn)
@@ -111,7 +187,11 @@ def unmerge(params: Any) -> Any:
 
 
 def delta(params: Any) -> dict[str, Any]:
-    """``{'<module>.<param>': scale * A @ B}`` for every adapter, in the kernel's shape.
+    """What :func:`merge` adds to each adapted param: ``{'<module>.<param>': change}``.
+
+    ``scale * A @ B`` for LoRA; ``m / n * (W + scale * A @ B) - W`` for DoRA; the copy minus
+    the original for a trainable copy (modules_to_save, bias modes). In the param's shape and
+    dtype.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -126,11 +206,22 @@ def delta(params: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def fn(module, leaves):
+        name = lambda param: f"{module}.{param}" if module else param  # noqa: E731
         for param in P.adapter_params(leaves):
             state = leaves.get(param + P.SCALE_SUFFIX, leaves.get(param + P.MERGED_SUFFIX))
-            kernel = P.unbox(leaves[param])
-            out[f"{module}.{param}" if module else param] = delta_w(
-                leaves[param + P.A_SUFFIX], leaves[param + P.B_SUFFIX], state, kernel.dtype)
+            dtype = P.unbox(leaves[param]).dtype
+            d = delta_w(leaves[param + P.A_SUFFIX], leaves[param + P.B_SUFFIX], state)
+            if param + P.MAGNITUDE_SUFFIX in leaves:
+                before, after, _ = _dora_weights(leaves, param, d)
+                d = after - before
+            out[name(param)] = d.astype(dtype)
+        for param in copy_params(leaves):
+            w = P.unbox(leaves[param])
+            if param + P.SAVED_SUFFIX in leaves:
+                d = P.unbox(leaves[param + P.SAVED_SUFFIX]) - w
+            else:
+                d = w - P.unbox(leaves[param + P.ORIGINAL_SUFFIX])
+            out[name(param)] = d
         return leaves
 
     P.map_modules(tree, fn)

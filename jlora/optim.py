@@ -26,8 +26,9 @@ def _leaf_labels(tree: Any, fn) -> Any:
 
 
 def labels(params: Any, *, lora_plus: bool = False) -> Any:
-    """A pytree of ``'trainable'`` (adapter A and B) / ``'frozen'`` (everything else),
-    ready for ``optax.partition``. With ``lora_plus``, B leaves are ``'trainable_b'``.
+    """A pytree of ``'trainable'`` (adapter A and B, DoRA's magnitude, the trainable copies of
+    modules_to_save and bias modes) / ``'frozen'`` (everything else), ready for
+    ``optax.partition``. With ``lora_plus``, B leaves are ``'trainable_b'``.
 
     Collections other than ``'params'`` of a variables dict are frozen.
 
@@ -169,8 +170,8 @@ def summary(params: Any) -> Summary:
     trainable = total = 0
     for path, leaf in P.leaves_with_paths(P.params_of(params)):
         name = path.rsplit(".", 1)[-1]
-        if name.endswith((P.SCALE_SUFFIX, P.MERGED_SUFFIX)):
-            continue  # bookkeeping scalars, not parameters
+        if name.endswith((P.SCALE_SUFFIX, P.MERGED_SUFFIX, P.NORM_SUFFIX)):
+            continue  # bookkeeping (scales, a merged DoRA's norm), not parameters
         n = int(np.size(P.unbox(leaf)))
         total += n
         trainable += n if P.is_trainable_name(name) else 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from flax.core import meta
@@ -21,8 +21,16 @@ A_SUFFIX = "_lora_a"
 B_SUFFIX = "_lora_b"
 SCALE_SUFFIX = "_lora_scale"
 MERGED_SUFFIX = "_lora_merged"  # replaces SCALE_SUFFIX once the adapter is folded in
+# DoRA: the per-output-feature magnitude (PEFT's lora_magnitude_vector), and, once merged,
+# the weight norm the merge divided by (so that unmerge can take it back out).
+MAGNITUDE_SUFFIX = "_lora_magnitude"
+NORM_SUFFIX = "_lora_norm"
+# A trainable copy of a param (PEFT's modules_to_save, and biases with bias='all'/'lora_only'):
+# the model reads the copy; merged, the param holds the copy and the original is kept aside.
+SAVED_SUFFIX = "_lora_saved"
+ORIGINAL_SUFFIX = "_lora_original"  # replaces SAVED_SUFFIX once the copy is folded in
 LORA_MARK = "_lora_"
-TRAINABLE_SUFFIXES = (A_SUFFIX, B_SUFFIX)
+TRAINABLE_SUFFIXES = (A_SUFFIX, B_SUFFIX, MAGNITUDE_SUFFIX, SAVED_SUFFIX)
 
 # Params that LoRA can adapt: linen's Dense/DenseGeneral/Einsum/Conv ``kernel`` and Embed's
 # ``embedding``.
@@ -101,11 +109,24 @@ def is_adapter_name(name: str) -> bool:
 
 
 def is_trainable_name(name: str) -> bool:
-    """True for the leaves LoRA trains (A and B)."""
+    """True for the leaves LoRA trains (A and B, DoRA's magnitude, trainable copies)."""
     return name.endswith(TRAINABLE_SUFFIXES)
 
 
-def require_adapters(tree: Any, what: str) -> dict[tuple[str, str], bool]:
+class Adapter(NamedTuple):
+    """What :func:`check_adapters` found beside one param.
+
+    Attributes:
+      kind: ``'lora'`` (A, B, scale), ``'dora'`` (plus a magnitude) or ``'copy'`` (a trainable
+        copy of the param: modules_to_save or a bias mode).
+      merged: whether it is folded into the param (``merge``).
+    """
+
+    kind: str
+    merged: bool
+
+
+def require_adapters(tree: Any, what: str) -> dict[tuple[str, str], Adapter]:
     """:func:`check_adapters`, and :class:`~jlora.errors.NotInjectedError` if there are none."""
     found = check_adapters(tree, what)
     if not found:
@@ -116,7 +137,9 @@ def require_adapters(tree: Any, what: str) -> dict[tuple[str, str], bool]:
     return found
 
 
-_ROLES = (A_SUFFIX, B_SUFFIX, SCALE_SUFFIX, MERGED_SUFFIX)
+_LORA_ROLES = (A_SUFFIX, B_SUFFIX, SCALE_SUFFIX, MERGED_SUFFIX, MAGNITUDE_SUFFIX, NORM_SUFFIX)
+_COPY_ROLES = (SAVED_SUFFIX, ORIGINAL_SUFFIX)
+_ROLES = _LORA_ROLES + _COPY_ROLES
 _MAX_LISTED = 5
 
 
@@ -127,9 +150,13 @@ def _shape(x: Any) -> tuple[int, ...] | None:
 
 def _unfit(param: str, leaves: Mapping[str, Any]) -> str | None:
     """Why the adapter of ``param`` does not fit its param, or None (holes are not checked)."""
-    a, b = _shape(leaves.get(param + A_SUFFIX)), _shape(leaves.get(param + B_SUFFIX))
-    w = _shape(leaves.get(param))
-    s = _shape(leaves.get(param + SCALE_SUFFIX, leaves.get(param + MERGED_SUFFIX)))
+    shape = lambda role: _shape(leaves.get(param + role))  # noqa: E731
+    a, b, w = shape(A_SUFFIX), shape(B_SUFFIX), _shape(leaves.get(param))
+    s = shape(SCALE_SUFFIX) if param + SCALE_SUFFIX in leaves else shape(MERGED_SUFFIX)
+    for role in _COPY_ROLES:
+        c = shape(role)
+        if c is not None and w is not None and c != w:
+            return f"{param}{role} has shape {c}, not {param}'s shape {w}"
     if a is not None and len(a) < 2:
         return f"{param}{A_SUFFIX} has shape {a}, not (in..., r)"
     if b is not None and len(b) < 2:
@@ -141,25 +168,71 @@ def _unfit(param: str, leaves: Mapping[str, Any]) -> str | None:
         if w is not None and a[:-1] + b[1:] != w:
             return (f"{param}{A_SUFFIX} {a} @ {param}{B_SUFFIX} {b} gives {a[:-1] + b[1:]}, "
                     f"not {param}'s shape {w}")
+    out = b[1:] if b is not None else None
+    for role in (MAGNITUDE_SUFFIX, NORM_SUFFIX):
+        m = shape(role)
+        if m is not None and out is not None and m != out:
+            return f"{param}{role} has shape {m}, not B's output shape {out}"
     if s:
         return f"its scale has shape {s}, not ()"
     return None
 
 
-def check_adapters(tree: Any, what: str) -> dict[tuple[str, str], bool]:
+def _whole(param: str, leaves: Mapping[str, Any]) -> tuple[str | None, Adapter]:
+    """``(why it is not whole or None, what it is)`` for the adapter of one param."""
+    have = [param + r for r in _ROLES if param + r in leaves]
+    both = lambda x, y: f"it has both {param}{x} and {param}{y}"  # noqa: E731
+    lora = [r for r in _LORA_ROLES if param + r in leaves]
+    copy = [r for r in _COPY_ROLES if param + r in leaves]
+    no_param = [] if param in leaves else [f"the param {param!r} it adapts"]
+    if lora and copy:
+        return (f"it mixes a LoRA adapter ({', '.join(param + r for r in lora)}) with a "
+                f"trainable copy ({', '.join(param + r for r in copy)})"), Adapter("copy", False)
+    if copy:
+        if len(copy) > 1:
+            return both(SAVED_SUFFIX, ORIGINAL_SUFFIX), Adapter("copy", False)
+        need = no_param
+        adapter = Adapter("copy", copy[0] == ORIGINAL_SUFFIX)
+    else:
+        need = [param + r for r in (A_SUFFIX, B_SUFFIX) if param + r not in leaves]
+        states = [r for r in (SCALE_SUFFIX, MERGED_SUFFIX) if param + r in leaves]
+        if not states:
+            need.append(f"{param}{SCALE_SUFFIX} (or {param}{MERGED_SUFFIX})")
+        need += no_param
+        dora = param + MAGNITUDE_SUFFIX in leaves
+        merged = states == [MERGED_SUFFIX]
+        if dora and merged and param + NORM_SUFFIX not in leaves:
+            need.append(f"{param}{NORM_SUFFIX} (a merged DoRA adapter keeps the weight norm "
+                        "it divided by)")
+        adapter = Adapter("dora" if dora else "lora", merged)
+        if not need and len(states) > 1:
+            return both(SCALE_SUFFIX, MERGED_SUFFIX), adapter
+        if not need and param + NORM_SUFFIX in leaves and not (dora and merged):
+            return (f"it has {param}{NORM_SUFFIX}, which only a merged DoRA adapter has "
+                    f"(beside {param}{MAGNITUDE_SUFFIX} and {param}{MERGED_SUFFIX})"), adapter
+    if need:
+        return f"it has {', '.join(have)} but no {' and no '.join(need)}", adapter
+    return None, adapter
+
+
+def check_adapters(tree: Any, what: str) -> dict[tuple[str, str], Adapter]:
     """Checks that every adapter of a bare params tree is whole and fits the param it adapts.
 
     An adapter is ``<param>_lora_a`` (in..., r), ``<param>_lora_b`` (r, out...) and exactly
-    one of ``<param>_lora_scale`` / ``<param>_lora_merged`` (0-d), beside ``<param>``. A
-    ``None`` leaf (a hole left by :func:`jlora.split`) counts as present and is not
-    shape-checked. Plain Python over the tree's paths: under ``jit`` it runs once per trace.
+    one of ``<param>_lora_scale`` / ``<param>_lora_merged`` (0-d), beside ``<param>``; a DoRA
+    adapter adds ``<param>_lora_magnitude`` (out...) and, merged, ``<param>_lora_norm``
+    (out...). A trainable copy (modules_to_save, bias modes) is exactly one of
+    ``<param>_lora_saved`` / ``<param>_lora_original``, shaped as ``<param>``. A ``None``
+    leaf (a hole left by :func:`jlora.split`) counts as present and is not shape-checked.
+    Plain Python over the tree's paths: under ``jit`` it runs once per trace.
 
     Args:
       tree: a bare params tree (not a variables dict).
       what: the caller's name, for the message.
 
     Returns:
-      ``{(module path, param): merged}`` for every adapter (empty when there are none).
+      ``{(module path, param): Adapter(kind, merged)}`` for every adapter (empty when there
+      are none).
 
     Raises:
       IncompleteAdapterError: an adapter misses a leaf, or its param is missing.
@@ -170,7 +243,7 @@ def check_adapters(tree: Any, what: str) -> dict[tuple[str, str], bool]:
       >>> q = {"kernel": jnp.ones((4, 6)), "kernel_lora_a": jnp.ones((4, 2)),
       ...      "kernel_lora_b": jnp.zeros((2, 6)), "kernel_lora_scale": jnp.float32(1)}
       >>> check_adapters({"q": q}, "demo")
-      {('q', 'kernel'): False}
+      {('q', 'kernel'): Adapter(kind='lora', merged=False)}
       >>> del q["kernel_lora_b"]
       >>> check_adapters({"q": q}, "demo")
       Traceback (most recent call last):
@@ -183,7 +256,7 @@ def check_adapters(tree: Any, what: str) -> dict[tuple[str, str], bool]:
     for kp, leaf in flat:
         module, name = split_path(keypath_to_path(kp))
         modules.setdefault(module, {})[name] = leaf
-    found: dict[tuple[str, str], bool] = {}
+    found: dict[tuple[str, str], Adapter] = {}
     broken: list[str] = []
     unfit: list[str] = []
     for module, leaves in modules.items():
@@ -191,31 +264,23 @@ def check_adapters(tree: Any, what: str) -> dict[tuple[str, str], bool]:
                   if name.endswith(r) and len(name) > len(r)}
         for param in sorted(params):
             where = f"{module}.{param}" if module else param
-            have = [param + r for r in _ROLES if param + r in leaves]
-            need = [param + r for r in (A_SUFFIX, B_SUFFIX) if param + r not in leaves]
-            states = [r for r in (SCALE_SUFFIX, MERGED_SUFFIX) if param + r in leaves]
-            if not states:
-                need.append(f"{param}{SCALE_SUFFIX} (or {param}{MERGED_SUFFIX})")
-            if param not in leaves:
-                need.append(f"the param {param!r} it adapts")
-            if need:
-                broken.append(f"the adapter of {where} is not whole: it has {', '.join(have)} "
-                              f"but no {' and no '.join(need)}")
-            elif len(states) > 1:
-                broken.append(f"the adapter of {where} is not whole: it has both "
-                              f"{param}{SCALE_SUFFIX} and {param}{MERGED_SUFFIX}")
+            why_not, adapter = _whole(param, leaves)
+            if why_not is not None:
+                broken.append(f"the adapter of {where} is not whole: {why_not}")
             elif (why := _unfit(param, leaves)) is not None:
                 unfit.append(f"the adapter of {where} does not fit: {why}")
             else:
-                found[(module, param)] = states[0] == MERGED_SUFFIX
+                found[(module, param)] = adapter
     if broken or unfit:
         from jlora.errors import IncompleteAdapterError, ShapeError
 
         listed = broken or unfit
         more = f" (and {len(listed) - _MAX_LISTED} more)" if len(listed) > _MAX_LISTED else ""
         fix = ("Every adapter is <param>_lora_a (in..., r), <param>_lora_b (r, out...) and "
-               "<param>_lora_scale (<param>_lora_merged once merged) beside <param>: build it "
-               "with jlora.inject (or jlora.hf.load_peft), or remove all of its leaves.")
+               "<param>_lora_scale (<param>_lora_merged once merged) beside <param> (DoRA adds "
+               "<param>_lora_magnitude); a trainable copy is <param>_lora_saved "
+               "(<param>_lora_original once merged): build it with jlora.inject (or "
+               "jlora.hf.load_peft), or remove all of its leaves.")
         cls = IncompleteAdapterError if broken else ShapeError
         raise cls(f"{what}: {'; '.join(listed[:_MAX_LISTED])}{more}. {fix}")
     return found

@@ -6,12 +6,13 @@
 * **read**: it changes the math and jlora reproduces it (``r``, ``lora_alpha``,
   ``target_modules``, ``exclude_modules``, ``layers_to_transform``, ``layers_pattern``,
   ``rank_pattern``, ``alpha_pattern``, ``lora_dropout``, ``use_rslora``,
-  ``init_lora_weights``; ``ensure_weight_tying`` is read by :func:`jlora.hf.load_peft`);
+  ``init_lora_weights``, ``use_dora``, ``bias``, ``modules_to_save``;
+  ``ensure_weight_tying`` is read by :func:`jlora.hf.load_peft`);
 * **metadata**: it does not change what the adapter computes (``base_model_name_or_path``,
   ``task_type``, ``inference_mode``, ``fan_in_fan_out``, the sub-configs of inits that only
   shape the starting point...): type-checked and accepted;
-* **unsupported**: it changes the math and jlora does not implement it (DoRA, trained biases,
-  ``modules_to_save``, ``layer_replication``, Megatron layers, aLoRA, QA-LoRA, other LoRA
+* **unsupported**: it changes the math and jlora does not implement it
+  (``layer_replication``, Megatron layers, a bias on lora_B, aLoRA, QA-LoRA, other LoRA
   variants...): accepted only when off (null, false, ``"none"``, empty).
 
 A key peft 0.21 does not have (a newer peft's) is accepted only when off too: jlora cannot
@@ -125,6 +126,14 @@ PEFT_FIELDS: dict[str, schema.Field] = {
         default=True,
     ),
     "ensure_weight_tying": schema.boolean(default=False),
+    "use_dora": schema.boolean(default=False),
+    "bias": schema.choice("none", "all", "lora_only", default="none", null=True),
+    "modules_to_save": schema.Field(
+        "a list of module names (each matched as a suffix of the module path)",
+        lambda v: _strings(v, allow_str=False),
+        default=None,
+        null=True,
+    ),
     # metadata: no effect on what the adapter computes
     "base_model_name_or_path": _NULL_STRING,
     "revision": _NULL_STRING,
@@ -143,15 +152,6 @@ PEFT_FIELDS: dict[str, schema.Field] = {
     "corda_config": _NULL_OBJECT,
     "lora_ga_config": _NULL_OBJECT,
     # unsupported: they change the math; accepted only when off
-    "bias": schema.choice(
-        "none",
-        default="none",
-        null=True,
-        want="'none' (jlora adapters train no biases)",
-        fix=_FIX,
-    ),
-    "use_dora": _unsupported("DoRA"),
-    "modules_to_save": _unsupported("modules saved whole beside the adapter"),
     "layer_replication": _unsupported("layer replication (a model with repeated layers)"),
     "megatron_config": _unsupported("Megatron parallel layers"),
     "lora_bias": _unsupported("a bias on lora_B"),
@@ -240,6 +240,10 @@ def read_peft(d: Mapping[str, Any], source: str = "adapter_config.json") -> dict
         "dropout": v["lora_dropout"],
         "init": _init(init),
         "use_rslora": v["use_rslora"],
+        "use_dora": v["use_dora"],
+        "modules_to_save": sorted(saved) if isinstance(saved := v["modules_to_save"], Set)
+        else saved,
+        "bias": v["bias"],
     }
 
 

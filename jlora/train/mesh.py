@@ -174,7 +174,8 @@ def param_specs(params: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) 
     Frozen params take the first rule whose regex is found (``re.search``) in their dotted
     path (``model.layers.0.self_attn.q_proj.kernel``, without the collection name); no match
     means replicated. An adapter's spec comes from its kernel's: A = (kernel input axes...,
-    None), B = (None, kernel output axes...); its scale is replicated. A mesh axis that does
+    None), B = (None, kernel output axes...), DoRA's magnitude = (kernel output axes...); its
+    scale is replicated; a trainable copy takes its param's spec. A mesh axis that does
     not divide a dim is dropped for that dim (replicated).
 
     Args:
@@ -207,10 +208,14 @@ def param_specs(params: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) 
         base = P.base_name(name)
         kpath = f"{module}.{base}" if module else base
         kshape = shapes.get(kpath)
-        is_a, is_b = name.endswith(P.A_SUFFIX), name.endswith(P.B_SUFFIX)
-        if not (is_a or is_b) or kshape is None:
+        if kshape is None or name.endswith((P.SCALE_SUFFIX, P.MERGED_SUFFIX)):
             return PS()  # the scale (or an adapter whose kernel is not in this tree)
         kspec = tuple(_rule_spec(kpath, kshape, compiled, mesh))
+        if name.endswith((P.SAVED_SUFFIX, P.ORIGINAL_SUFFIX)):  # a copy: the param's own
+            return _fit(kspec, shape, mesh)
+        if name.endswith((P.MAGNITUDE_SUFFIX, P.NORM_SUFFIX)):  # per output feature
+            return _fit(kspec[len(kshape) - len(shape):], shape, mesh)
+        is_a = name.endswith(P.A_SUFFIX)
         n_in = len(shape) - 1 if is_a else len(kshape) - (len(shape) - 1)
         spec = (*kspec[:n_in], None) if is_a else (None, *kspec[n_in:])
         return _fit(spec, shape, mesh)

@@ -34,7 +34,9 @@ def test_patterns_pick_first_matching_key():
     (dict(targets="(unclosed"), "targets"), (dict(targets=[1, 2]), "targets"),
     (dict(targets=3), "targets"),
     (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
-    (dict(init="xavier"), "init"), (dict(use_dora=True), "use_dora"),
+    (dict(init="xavier"), "init"), (dict(use_dora=1), "use_dora"),
+    (dict(bias="some"), "bias"), (dict(modules_to_save="head"), "modules_to_save"),
+    (dict(modules_to_save=["head", ""]), "modules_to_save"),
     (dict(layers=[-1]), "layers"), (dict(layers="0"), "layers"),
     (dict(targets=r".*q", layers=[0]), "layers"),
     (dict(layers_pattern="layers"), "layers_pattern"),
@@ -90,9 +92,11 @@ def test_peft_round_trip_through_peft_itself():
 
 @pytest.mark.parametrize("d, what", [
     (dict(peft_type="IA3", target_modules=["q"]), "peft_type"),
-    (dict(peft_type="LORA", target_modules=["q"], use_dora=True), "use_dora"),
-    (dict(peft_type="LORA", target_modules=["q"], bias="all"), "bias"),
-    (dict(peft_type="LORA", target_modules=["q"], modules_to_save=["head"]), "modules_to_save"),
+    (dict(peft_type="LORA", target_modules=["q"], layer_replication=[[0, 1]]),
+     "layer_replication.*layer replication"),
+    (dict(peft_type="LORA", target_modules=["q"], lora_bias=True), "lora_bias.*a bias on lora_B"),
+    (dict(peft_type="LORA", target_modules=["q"], bias="some"), "bias"),
+    (dict(peft_type="LORA", target_modules=["q"], modules_to_save="head"), "modules_to_save"),
 ])
 def test_from_peft_rejects_what_it_cannot_reproduce(d, what):
     with pytest.raises(ConfigError, match=what):

@@ -107,9 +107,9 @@ CASES = {
         {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4}},
         "init_lora_weights='loftq'",
     ),  # fmt: skip
-    "dora": ({"use_dora": True}, "use_dora=True"),
-    "bias": ({"bias": "all"}, "bias='all'"),
-    "modules-to-save": ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head']"),
+    "dora-int": ({"use_dora": 1}, "use_dora=1"),
+    "bias-unknown": ({"bias": "some"}, "bias='some'"),
+    "modules-to-save-string": ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head'"),
     "megatron": ({"megatron_config": {"tp": 2}}, "megatron_config="),
     "lora-bias": ({"lora_bias": True}, "lora_bias=True"),
     "target-parameters": ({"target_parameters": ["mlp.experts.w"]}, "target_parameters="),

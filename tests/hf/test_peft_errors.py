@@ -67,10 +67,15 @@ def test_other_peft_type(adapter):
         load_peft(base, path)
 
 
-def test_unsupported_lora_feature(adapter):
+@pytest.mark.parametrize("field, value, feature", [
+    ("layer_replication", [[0, 1]], "layer replication"),
+    ("use_qalora", True, "QA-LoRA"),
+    ("lora_bias", True, "a bias on lora_B"),
+])
+def test_unsupported_lora_feature(adapter, field, value, feature):
     base, _, path = adapter
-    _edit_config(path, use_dora=True)
-    with pytest.raises(ConfigError, match="use_dora"):
+    _edit_config(path, **{field: value})
+    with pytest.raises(ConfigError, match=f"{field}=.*{feature}.*jlora does not implement"):
         load_peft(base, path)
 
 
