@@ -38,6 +38,54 @@ def save_hf():
 
 
 @pytest.fixture(scope="session")
+def peft_messages():
+    """``with peft_messages() as messages:`` collects every warning and every peft /
+    transformers log record of level WARNING or above raised inside the block.
+
+    One kind is left out, as pyproject's filterwarnings leaves it out: a FutureWarning or
+    DeprecationWarning raised from transformers' own code (peft 0.21 reads transformers 5's
+    deprecated ``is_gradient_checkpointing`` on every ``PeftModel`` it builds, whatever the
+    adapter); it says nothing about the adapter loaded.
+    """
+    import contextlib
+    import logging
+    import os
+    import warnings
+
+    import transformers
+
+    library = os.path.dirname(transformers.__file__) + os.sep
+
+    def about_the_adapter(w) -> bool:
+        return not (issubclass(w.category, FutureWarning | DeprecationWarning)
+                    and w.filename.startswith(library))
+
+    @contextlib.contextmanager
+    def capture():
+        records: list[str] = []
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                records.append(record.getMessage())
+
+        handler = Handler(logging.WARNING)
+        loggers = [logging.getLogger(n) for n in ("peft", "transformers")]
+        for lg in loggers:
+            lg.addHandler(handler)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield records
+        finally:
+            for lg in loggers:
+                lg.removeHandler(handler)
+        records += [f"{w.category.__name__}: {w.message}" for w in caught
+                    if about_the_adapter(w)]
+
+    return capture
+
+
+@pytest.fixture(scope="session")
 def rewrite_weights():
     """``rewrite_weights(path, fn)``: model.safetensors := ``fn(dict of its tensors)``."""
 
