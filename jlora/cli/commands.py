@@ -95,7 +95,7 @@ def _overwrite(cfg: Any) -> dict[str, Any]:
 def _with_adapter(model_dir: str, adapter: str | None) -> tuple[Any, Any, dict]:
     model, params, hf_config = hf.load(model_dir)
     if adapter is not None:
-        params, _ = hf.load_peft(params, adapter)
+        params, _ = hf.load_peft(params, adapter, hf_config=hf_config)
     return model, params, hf_config
 
 

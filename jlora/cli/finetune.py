@@ -249,9 +249,9 @@ def _final_tree(s: Session, evaluate: Any, result: dict) -> Any:
     if result.get("best_params") is not None:
         return s.adapted(result["best_params"])
     # the best evaluation ran before a resume: read its adapter back onto the base
-    _, base, _ = hf.load(s.cfg.model, dtype=s.precision.frozen_dtype
-                         if s.cfg.train.precision == "bf16" else None)
-    return hf.load_peft(base, Path(s.cfg.out) / "adapter")[0]
+    _, base, hf_config = hf.load(s.cfg.model, dtype=s.precision.frozen_dtype
+                                 if s.cfg.train.precision == "bf16" else None)
+    return hf.load_peft(base, Path(s.cfg.out) / "adapter", hf_config=hf_config)[0]
 
 
 def _data(cfg: Finetune, tokenizer: Any) -> tuple[D.Arrays, D.Arrays | None]:

@@ -2,7 +2,8 @@
 
 * :func:`load` reads a transformers checkpoint directory into ``(model, params, hf_config)``.
 * :func:`save_peft` / :func:`load_peft` write and read PEFT's ``adapter_config.json`` +
-  ``adapter_model.safetensors``.
+  ``adapter_model.safetensors`` (LoRA, DoRA, ``modules_to_save``, bias modes);
+  :class:`PeftExportWarning` says when ``save_peft`` could not tell the base model's type.
 * :func:`save_merged` writes a directory that ``transformers`` loads with ``from_pretrained``.
 
 The savers never destroy: they never write into a base model, refuse the current directory
@@ -13,6 +14,6 @@ for any of these.
 
 from jlora.hf.load import load
 from jlora.hf.merged import save_merged
-from jlora.hf.peft import load_peft, save_peft
+from jlora.hf.peft import PeftExportWarning, load_peft, save_peft
 
-__all__ = ["load", "load_peft", "save_merged", "save_peft"]
+__all__ = ["PeftExportWarning", "load", "load_peft", "save_merged", "save_peft"]
