@@ -10,10 +10,12 @@ read, for any JAX function of the params.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,6 +27,22 @@ from jlora.errors import ConfigError, UnconsumedAdapterError
 from jlora.merge import fold_modules, merge
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+# Module paths a nested ``apply`` stands for (a model's scan over identical layers).
+_ALIASES: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "jlora_layer_aliases", default=None)
+
+
+@contextlib.contextmanager
+def layer_aliases(prefixes: Sequence[str]) -> Iterator[None]:
+    """Inside, a module that a nested ``apply`` runs at relative path ``p`` stands for the
+    modules ``f"{prefix}.{p}"`` of every prefix: how a model that scans one traced layer over
+    the stacked params of its layers ``prefixes`` (jlora's llama with ``scan_layers=True``)
+    tells :func:`lora` that the adapters of all those layers were consumed."""
+    token = _ALIASES.set(tuple(prefixes))
+    try:
+        yield
+    finally:
+        _ALIASES.reset(token)
 
 
 _DROP_BITS = 16
@@ -120,7 +138,12 @@ def _interceptor(rate: float, consumed: set[str]) -> Callable:
         param = "embedding" if isinstance(mod, nn.Embed) else "kernel"
         if mod.scope is None or not mod.has_variable("params", param + P.A_SUFFIX):
             return next_fun(*args, **kwargs)
-        consumed.add(".".join(str(p) for p in mod.scope.path))
+        path = ".".join(str(p) for p in mod.scope.path)
+        aliases = _ALIASES.get()
+        if aliases is None:
+            consumed.add(path)
+        else:
+            consumed.update(f"{a}.{path}" if path else a for a in aliases)
         y = next_fun(*args, **kwargs)
         if mod.has_variable("params", param + P.MERGED_SUFFIX):
             return y
