@@ -273,6 +273,8 @@ def ceiling(p: dict, reps: int = 5) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     dtype = jnp.dtype(p["dtype"])
     bh = p["batch"] * p["heads"]
     rows = []
@@ -294,9 +296,11 @@ def ceiling(p: dict, reps: int = 5) -> dict:
             tf = lambda a, b: a @ b.T  # noqa: E731
             flops = 2 * m * k * n
         ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-        ta, tb = (torch.as_tensor(x, dtype=getattr(torch, p["dtype"])) for x in (a, b))
+        ta, tb = (torch.as_tensor(x, dtype=getattr(torch, p["dtype"]), device=dev)
+                  for x in (a, b))
         f(ja, jb).block_until_ready()
         tf(ta, tb)
+        sync()
         jt, tt = [], []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -304,6 +308,7 @@ def ceiling(p: dict, reps: int = 5) -> dict:
             jt.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             tf(ta, tb)
+            sync()
             tt.append(time.perf_counter() - t0)
         rows.append(dict(what=what, count=count, shape=[m, k, n], layout=lay, flops=flops,
                          jax_s=statistics.median(jt), torch_s=statistics.median(tt)))

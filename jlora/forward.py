@@ -10,10 +10,12 @@ read, for any JAX function of the params.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +28,22 @@ from jlora.errors import ConfigError, LayoutError, UnconsumedAdapterError
 from jlora.merge import copy_params, fold_copy, fold_modules, merge, weight_norm
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+# Module paths a nested ``apply`` stands for (a model's scan over identical layers).
+_ALIASES: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "jlora_layer_aliases", default=None)
+
+
+@contextlib.contextmanager
+def layer_aliases(prefixes: Sequence[str]) -> Iterator[None]:
+    """Inside, a module that a nested ``apply`` runs at relative path ``p`` stands for the
+    modules ``f"{prefix}.{p}"`` of every prefix: how a model that scans one traced layer over
+    the stacked params of its layers ``prefixes`` (jlora's llama with ``scan_layers=True``)
+    tells :func:`lora` that the adapters of all those layers were consumed."""
+    token = _ALIASES.set(tuple(prefixes))
+    try:
+        yield
+    finally:
+        _ALIASES.reset(token)
 
 
 _DROP_BITS = 16
@@ -189,7 +207,11 @@ def _interceptor(rate: float, consumed: set[str]) -> Callable:
         if mod.scope is None or not mod.has_variable("params", param + P.A_SUFFIX):
             return next_fun(*args, **kwargs)
         path = ".".join(str(p) for p in mod.scope.path)
-        consumed.add(path)
+        aliases = _ALIASES.get()
+        if aliases is None:
+            consumed.add(path)
+        else:
+            consumed.update(f"{a}.{path}" if path else a for a in aliases)
         y = next_fun(*args, **kwargs)
         if mod.has_variable("params", param + P.MERGED_SUFFIX):
             return y

@@ -20,6 +20,7 @@ import numpy as np
 
 from jlora import schema
 from jlora.errors import HFError
+from jlora.forward import layer_aliases
 from jlora.models import common
 from jlora.models.base import ArchSpec, ParamPath
 from jlora.models.rope import inv_freq, rope_inv_freq, rope_parameters
@@ -189,7 +190,7 @@ class RMSNorm(nn.Module):
         return scale.astype(dtype) * h.astype(dtype)
 
 
-def _dense(module: nn.Module, features: int, bias: bool, name: str) -> nn.Dense:
+def _dense(module: nn.Module, features: int, bias: bool, name: str | None) -> nn.Dense:
     """An ``nn.Dense`` (kernel (in, out)) with the module's dtypes and HF's normal init."""
     return nn.Dense(
         features,
@@ -278,18 +279,56 @@ class DecoderLayer(nn.Module):
         return x + MLP(c, name="mlp", **kw)(h), new_cache
 
 
+def _stack_layers(params: Mapping[str, Any], names: list[str]) -> Any:
+    """The layers' param trees stacked along a new leading axis, or ``None`` when they differ
+    in structure or shapes (adapters on some layers only, per-layer ranks)."""
+    trees = [params.get(n) for n in names]
+    if any(t is None for t in trees):
+        return None
+    leaves, treedefs = zip(*(jax.tree.flatten(t) for t in trees))
+    if any(d != treedefs[0] for d in treedefs[1:]) or any(
+            [(x.shape, x.dtype) for x in ls] != [(x.shape, x.dtype) for x in leaves[0]]
+            for ls in leaves[1:]):
+        return None
+    # one concatenate per leaf along its first axis, then a reshape: cheap to trace
+    def stack(xs):
+        shape = xs[0].shape
+        if not shape:
+            xs = [jax.lax.reshape(x, (1,)) for x in xs]
+        return jax.lax.reshape(jax.lax.concatenate(list(xs), 0), (len(xs), *shape))
+
+    stacked = [stack(xs) for xs in zip(*leaves)]
+    return jax.tree.unflatten(treedefs[0], stacked)
+
+
 class DecoderStack(nn.Module):
-    """``model.layers``: the blocks, named ``"0"``, ``"1"``... like transformers' ModuleList."""
+    """``model.layers``: the blocks, named ``"0"``, ``"1"``... like transformers' ModuleList.
+
+    With ``scan``, a forward pass without a KV cache traces one block and runs it over the
+    layers' params stacked along a new axis (``lax.scan``): the trace and the compiled program
+    no longer grow with the depth. The params keep their per-layer paths (and HF names); it
+    applies when every layer has the same params (same adapters and ranks) and the same
+    attention window, and falls back to the unrolled loop otherwise.
+    """
 
     config: DecoderConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    scan: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, layers_cache, cache_index):
+        n = self.config.num_hidden_layers
+        windows = self.config.sliding_windows or (None,) * n
+        if self.scan and layers_cache is None and len(set(windows)) == 1 \
+                and not self.is_initializing() and self.has_variable("params", "0"):
+            names = [str(i) for i in range(n)]
+            stacked = _stack_layers(self.variables["params"], names)
+            if stacked is not None:
+                return self._scan(stacked, names, windows[0], x, cos, sin, key_valid, q_slots,
+                                  k_slots), None
         block = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-        windows = self.config.sliding_windows or (None,) * self.config.num_hidden_layers
         new = {}
         for i in range(self.config.num_hidden_layers):
             name = str(i)
@@ -299,6 +338,24 @@ class DecoderStack(nn.Module):
             )
         return x, (new if layers_cache is not None else None)
 
+    def _scan(self, stacked, names, window, x, cos, sin, key_valid, q_slots, k_slots):
+        layer = DecoderLayer(self.config, window, self.dtype, self.param_dtype)
+        rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+        prefix = ".".join(str(p) for p in self.scope.path)
+
+        def body(x, xs):
+            params, i = xs
+            rngs = {} if rng is None else {"dropout": jax.random.fold_in(rng, i)}
+            y, _ = layer.apply({"params": params}, x, cos, sin, key_valid, q_slots, k_slots,
+                               None, None, rngs=rngs)
+            return y, None
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        with layer_aliases([f"{prefix}.{name}" if prefix else name for name in names]):
+            x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(len(names))))
+        return x
+
 
 class LlamaModel(nn.Module):
     """``model``: embeddings, decoder blocks and the final norm."""
@@ -307,6 +364,7 @@ class LlamaModel(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     def setup(self):
         c, kw = self.config, {"dtype": self.dtype, "param_dtype": self.param_dtype}
@@ -316,19 +374,20 @@ class LlamaModel(nn.Module):
             embedding_init=nn.initializers.normal(c.initializer_range),
             **kw,
         )
-        self.layers = DecoderStack(c, remat=self.remat, **kw)
+        self.layers = DecoderStack(c, remat=self.remat, scan=self.scan_layers, **kw)
         self.norm = RMSNorm(c.rms_norm_eps, **kw)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache):
         b, t = input_ids.shape
         index, key_valid, q_slots, k_slots = common.cache_slots(input_ids, attention_mask, cache)
         layers_cache = None if cache is None else cache["layers"]
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(q_slots, (b, t))
+        if position_ids is None:  # the same positions for every row: one (1, t, d) table
+            position_ids = q_slots[None, :]
         inv_freq = jnp.asarray(self.config.rope_inv_freq, jnp.float32)
         freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(emb).astype(self.dtype), jnp.sin(emb).astype(self.dtype)
+        cos, sin = common.materialize(cos), common.materialize(sin)
         x = self.embed_tokens(input_ids)
         x, new_layers = self.layers(x, cos, sin, key_valid, q_slots, k_slots, layers_cache, index)
         new_cache = None
@@ -348,26 +407,48 @@ class LlamaForCausalLM(nn.Module):
       dtype: compute dtype.
       param_dtype: dtype of the params ``init`` creates.
       remat: rematerialise each decoder block in the backward pass (``nn.remat``).
+      scan_layers: run the decoder blocks as a ``lax.scan`` over their stacked params (one
+        traced block: compile time and program size independent of the depth); the params
+        keep their paths. Used without a KV cache, when all layers have the same params.
     """
 
     config: DecoderConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
-    @nn.compact
+    def setup(self):
+        self.model = LlamaModel(self.config, self.dtype, self.param_dtype, self.remat,
+                                self.scan_layers)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = _dense(self, self.config.vocab_size, False, None)
+
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Logits ``[batch, seq, vocab]``; ``(logits, new_cache)`` when a cache is passed.
 
         See :mod:`jlora.models.generate` for the cache semantics.
         """
-        base = LlamaModel(self.config, self.dtype, self.param_dtype, self.remat, name="model")
-        h, new_cache = base(input_ids, attention_mask, position_ids, cache)
-        if self.config.tie_word_embeddings:
-            logits = base.attend(h)
-        else:
-            logits = _dense(self, self.config.vocab_size, False, "lm_head")(h)
+        h, new_cache = self.model(input_ids, attention_mask, position_ids, cache)
+        logits = self.model.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
         return logits if cache is None else (logits, new_cache)
+
+    def hidden_and_head(self, input_ids, attention_mask=None, position_ids=None):
+        """``(hidden, kernel)``: the final (normed) hidden states ``[batch, seq, hidden]`` and
+        the output head as a ``(hidden, vocab)`` matrix in the compute dtype (``lm_head``'s
+        kernel, or the transposed embedding when ``tie_word_embeddings``), so that
+        ``logits == hidden @ kernel``.
+
+        A loss can then run the head a chunk of tokens at a time
+        (:func:`jlora.train.causal_lm_loss`). The kernel is read as it is: adapters of the
+        head are not applied (the loss takes the logits path for a model with such adapters).
+        """
+        h = self.model(input_ids, attention_mask, position_ids, None)[0]
+        if self.config.tie_word_embeddings:
+            kernel = self.model.embed_tokens.variables["params"]["embedding"].T
+        else:
+            kernel = self.lm_head.variables["params"]["kernel"]
+        return h, jnp.asarray(nn.meta.unbox(kernel), self.dtype)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> dict:
         """An empty KV cache for ``batch_size`` rows of up to ``max_length`` tokens."""

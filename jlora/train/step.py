@@ -29,6 +29,15 @@ def _learning_rate(opt_state: Any, schedule: Callable | None, count: jax.Array) 
     return jnp.asarray(found[0], jnp.float32) if found else jnp.asarray(jnp.nan, jnp.float32)
 
 
+def _global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all leaves (float32), from one reduction per leaf."""
+    total = jnp.float32(0.0)
+    for x in jax.tree.leaves(tree):
+        x = x.astype(jnp.float32)
+        total = total + jax.lax.reduce_sum(jax.lax.mul(x, x), tuple(range(x.ndim)))
+    return jax.lax.sqrt(total)
+
+
 class TrainStep:
     """A compiled train step: ``state, metrics = step(state, frozen, batch)``.
 
@@ -151,19 +160,21 @@ def make_train_step(
         reports_tokens[0] = weighted  # known at trace time
         weight = jnp.asarray(aux["tokens"], jnp.float32) if weighted else jnp.float32(1.0)
         loss = jnp.asarray(loss, jnp.float32)
-        return loss * weight, (loss, weight)
+        # one micro-batch: its own mean is the step's loss (no weighting, no division after)
+        return (loss * weight if accum_steps > 1 else loss), (loss, weight)
 
     if remat:
         policy = None if remat is True else remat
         micro_loss = jax.checkpoint(micro_loss, policy=policy)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    one_device = shardings.mesh.size == 1
 
     def step(state: TrainState, frozen: Any, batch: Any):
         key = jax.random.wrap_key_data(state.rng)
         new_key, step_key = jax.random.split(key)
         rows = jax.tree.leaves(batch)[0].shape[0]
         if accum_steps == 1:
-            (wloss, (_, wsum)), grads = grad_fn(state.params, frozen, batch, step_key)
+            (loss, (_, wsum)), grads = grad_fn(state.params, frozen, batch, step_key)
         else:
             def to_micro(x):
                 x = x.reshape(rows // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
@@ -184,11 +195,14 @@ def make_train_step(
             init = (zeros, jnp.float32(0.0), jnp.float32(0.0))
             (grads, wloss, wsum), _ = jax.lax.scan(
                 body, init, (micro, jnp.arange(accum_steps)))
-        denom = jnp.maximum(wsum, 1e-30)
-        loss = wloss / denom
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        grads = jax.lax.with_sharding_constraint(grads, param_sh)
-        grad_norm = optax.tree.norm(grads)
+            denom = jnp.maximum(wsum, 1e-30)
+            loss = wloss / denom
+            # lax primitives per leaf (not jnp's jitted wrappers): tracing stays cheap with
+            # many adapter leaves (a 32-layer model has hundreds)
+            grads = jax.tree.map(lambda g: jax.lax.div(g, denom.astype(g.dtype)), grads)
+        if not one_device:
+            grads = jax.lax.with_sharding_constraint(grads, param_sh)
+        grad_norm = _global_norm(grads)
         # a non-finite gradient leaf makes the norm non-finite: no separate pass over grads
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -196,8 +210,9 @@ def make_train_step(
         lr = _learning_rate(opt_state, schedule, state.step)  # the lr this update used
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             rng=jax.random.key_data(new_key))
-        keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
-        out = jax.tree.map(keep, new, state)
+        # one conditional for the whole state (not a select per leaf): the old state back
+        # when the step was not finite
+        out = jax.lax.cond(finite, lambda: new, lambda: state)
         bad = jnp.where(finite, 0, state.bad_streak + 1).astype(jnp.int32)
         out = out.replace(bad_streak=bad, skipped=state.skipped + (~finite).astype(jnp.int32))
         tokens = wsum if reports_tokens[0] else jnp.float32(rows)

@@ -248,3 +248,29 @@ def test_compiled_cost_of_a_dora_step_vs_lora():
     ratio = flops[True] / flops[False]
     print(f"DoRA / LoRA train-step FLOPs: {ratio:.4f}")
     assert 1.0 < ratio <= 1.15, ratio
+
+
+def test_dora_and_copies_in_a_scanned_llama_equal_the_unscanned_and_the_merged():
+    """jlora's Llama with ``scan_layers`` runs one traced block over the stacked params: the
+    magnitudes and the copies (of every layer's input_layernorm) are stacked with them."""
+    from jlora.models.llama import DecoderConfig, LlamaForCausalLM
+
+    d = 8
+    cfg = DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=d, rms_norm_eps=1e-6,
+                        rope_inv_freq=tuple(10000.0 ** (-i / d) for i in range(0, d, 2)))
+    ids = jax.random.randint(jax.random.key(4), (2, 9), 0, 50)
+    plain, scanned = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg, scan_layers=True)
+    base = plain.init(jax.random.key(0), ids)
+    config = jlora.LoraConfig(rank=4, targets="all-linear", use_dora=True,
+                              modules_to_save=["input_layernorm"], init="random")
+    p = jax.tree_util.tree_map_with_path(  # magnitudes and copies away from their init
+        lambda kp, x: x * 1.3 if P.keypath_to_path(kp).endswith(
+            (P.MAGNITUDE_SUFFIX, P.SAVED_SUFFIX)) else x,
+        jlora.inject(base, config, jax.random.key(1)))
+    y = jlora.lora(plain.apply, on_unconsumed="raise")(p, ids)
+    assert float(jnp.abs(y - plain.apply(base, ids)).max()) > 0.1
+    np.testing.assert_allclose(jlora.lora(scanned.apply, on_unconsumed="raise")(p, ids), y,
+                               atol=1e-5)
+    np.testing.assert_allclose(plain.apply(jlora.merge(p, unload=True), ids), y, atol=1e-5)
