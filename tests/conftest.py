@@ -38,6 +38,39 @@ def save_hf():
 
 
 @pytest.fixture(scope="session")
+def train_adapters():
+    """``train_adapters(params, config, fwd, steps=3) -> (trained, fwd(trained))``: injects
+    ``config`` and takes a few Adam steps on a regression of ``fwd(params)`` (the adapted
+    forward) towards random targets, so that B, DoRA's magnitudes and the trainable copies all
+    move. One jit for all of it: compiling is most of the cost on a small CPU."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jlora
+
+    def train(params, config, fwd, steps=3):
+        @jax.jit
+        def run(params):
+            params = jlora.inject(params, config, jax.random.key(1))
+            tx = jlora.optimizer(optax.adam(1e-2), params)
+            target = jax.random.normal(jax.random.key(2), jax.eval_shape(fwd, params).shape)
+            loss_fn = lambda p: jnp.mean((fwd(p) - target) ** 2)  # noqa: E731
+
+            def step(_, carry):
+                params, state = carry
+                updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
+                return optax.apply_updates(params, updates), state
+
+            params, _ = jax.lax.fori_loop(0, steps, step, (params, tx.init(params)))
+            return params, fwd(params)
+
+        return run(params)
+
+    return train
+
+
+@pytest.fixture(scope="session")
 def peft_messages():
     """``with peft_messages() as messages:`` collects every warning and every peft /
     transformers log record of level WARNING or above raised inside the block.

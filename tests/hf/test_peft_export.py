@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import peft
 import pytest
 import torch
@@ -91,43 +88,21 @@ def _apply(model, name, params, ids, mask):
     return fwd(params, ids)
 
 
-def _train(model, name, params, config, ids, mask, steps=3):
-    """Injects and takes a few Adam steps on a regression loss; returns the trained tree and
-    its outputs. One jit for all of it: compiling is most of the cost on a small CPU."""
-
-    @jax.jit
-    def run(params):
-        params = jlora.inject(params, config, jax.random.key(1))
-        tx = jlora.optimizer(optax.adam(1e-2), params)
-        fwd = lambda p: _apply(model, name, p, ids, mask)
-        target = jax.random.normal(jax.random.key(2), jax.eval_shape(fwd, params).shape)
-        loss_fn = lambda p: jnp.mean((fwd(p) - target) ** 2)
-
-        def step(_, carry):
-            params, state = carry
-            updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
-            return optax.apply_updates(params, updates), state
-
-        params, _ = jax.lax.fori_loop(0, steps, step, (params, tx.init(params)))
-        return params, fwd(params)
-
-    return run(params)
-
-
 def _b_leaves(params):
     return {p: np.asarray(x) for p, x in jlora.paths.leaves_with_paths(params["params"])
             if p.endswith(jlora.paths.B_SUFFIX)}
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def exported(request, tmp_path_factory, save_hf):
+def exported(request, tmp_path_factory, save_hf, train_adapters):
     name = request.param
     make, auto, config = CASES[name]
     base_dir = tmp_path_factory.mktemp(f"{name}-base")
     save_hf(make(), base_dir, auto, attn_implementation="eager")
     model, params, _ = load(base_dir)
     ids, mask = _inputs(name)
-    trained, ours = _train(model, name, params, config, ids, mask)
+    trained, ours = train_adapters(params, config,
+                                   lambda p: _apply(model, name, p, ids, mask))
     # no hf_config: save_peft reads the model type from the base directory's config.json
     adapter_dir = save_peft(trained, config, tmp_path_factory.mktemp(name) / "adapter",
                             base_model_name_or_path=str(base_dir))

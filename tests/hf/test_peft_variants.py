@@ -19,7 +19,6 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import peft
 import pytest
 import torch
@@ -122,26 +121,6 @@ def _keep(arch, mask):
     return np.concatenate([keep, np.ones((2, 1), bool)], axis=1) if arch == "bert" else keep
 
 
-def _train(model, arch, params, config, ids, mask, steps=3):
-    @jax.jit
-    def run(params):
-        params = jlora.inject(params, config, jax.random.key(1))
-        tx = jlora.optimizer(optax.adam(1e-2), params)
-        fwd = lambda p: _jlora_out(model, arch, p, ids, mask)  # noqa: E731
-        target = jax.random.normal(jax.random.key(2), jax.eval_shape(fwd, params).shape)
-        loss_fn = lambda p: jnp.mean((fwd(p) - target) ** 2)  # noqa: E731
-
-        def step(_, carry):
-            params, state = carry
-            updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
-            return optax.apply_updates(params, updates), state
-
-        params, _ = jax.lax.fori_loop(0, steps, step, (params, tx.init(params)))
-        return params, fwd(params)
-
-    return run(params)
-
-
 def _trained_leaves(params):
     """Every leaf training moves (A stays near its init; the others start where they must)."""
     return {p: np.asarray(x) for p, x in P.leaves_with_paths(params["params"])
@@ -149,7 +128,7 @@ def _trained_leaves(params):
 
 
 @pytest.fixture(scope="module", params=sorted(EXPORTS))
-def exported(request, tmp_path_factory, save_hf):
+def exported(request, tmp_path_factory, save_hf, train_adapters):
     name = request.param
     arch, config = EXPORTS[name]
     make, auto = ARCHS[arch]
@@ -157,7 +136,8 @@ def exported(request, tmp_path_factory, save_hf):
     save_hf(make(), base_dir, auto, attn_implementation="eager")
     model, base, _ = load(base_dir)
     ids, mask = _inputs(arch)
-    trained, ours = _train(model, arch, base, config, ids, mask)
+    trained, ours = train_adapters(base, config,
+                                   lambda p: _jlora_out(model, arch, p, ids, mask))
     adapter_dir = save_peft(trained, config, tmp_path_factory.mktemp(name) / "adapter",
                             base_model_name_or_path=str(base_dir))
     return name, arch, base_dir, adapter_dir, config, base, trained, np.asarray(ours)
