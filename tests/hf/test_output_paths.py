@@ -20,7 +20,7 @@ import transformers as tf
 
 import jlora
 from jlora.errors import HFError, JloraError, OutputPathError
-from jlora.hf import load, load_peft, save_merged, save_peft
+from jlora.hf import PeftExportWarning, load, load_peft, save_merged, save_peft
 from jlora.hf.io import INDEX_FILE, SINGLE_FILE
 
 CONFIG = jlora.LoraConfig(rank=2, alpha=4, targets=["q_proj"], init="random")
@@ -319,6 +319,7 @@ def test_save_peft_argument_errors(adapted, tmp_path):
         with pytest.raises(HFError, match=match):
             save_peft(params, CONFIG, tmp_path / "a", **kw)
     assert _names(tmp_path) == []
-    out = save_peft(params, CONFIG, tmp_path / "a", base_model_name_or_path=tmp_path / "base")
+    with pytest.warns(PeftExportWarning, match="not a local directory with a config.json"):
+        out = save_peft(params, CONFIG, tmp_path / "a", base_model_name_or_path=tmp_path / "base")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
