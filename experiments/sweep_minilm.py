@@ -35,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,73 @@ def _commit() -> str:
         return "unknown"
 
 
+def step_timer(argv: list[str]) -> Callable[[], float]:
+    """The compiled train step of one run's config, on one fixed batch: a function that runs
+    one step and returns its wall-clock seconds."""
+    import jax
+
+    from jlora import train
+    from jlora.cli import tasks as T
+    from jlora.cli.finetune import MAX_BAD_STEPS, build_session
+    from jlora.cli.parse import parse
+
+    cfg = parse(argv)
+    s = build_session(cfg, cfg.train.steps)
+    loss_fn = T.make_loss(cfg.task, s.model, dropout=s.lora_config.dropout,
+                          temperature=cfg.train.temperature)
+    step = train.make_train_step(loss_fn, s.tx, s.shardings, accum_steps=cfg.train.accum_steps,
+                                 precision=s.precision, schedule=s.schedule,
+                                 max_bad_steps=MAX_BAD_STEPS)
+    batch = train.shard_batch(_pairs(cfg, "train", cfg.train.batch_size), s.shardings.batch,
+                              multiple=cfg.train.accum_steps)
+    box = {"state": s.state}
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        box["state"], metrics = step(box["state"], s.frozen, batch)
+        jax.block_until_ready((box["state"], metrics))
+        return time.perf_counter() - t0
+
+    return run
+
+
+def retime(ctx: dict, out: Path, *, warmup: int = 3, steps: int = 10, seed: int = 0) -> dict:
+    """The stored sweep's step times measured again, in a pass of their own: every trained
+    cell's step (seed 0's config) ``warmup`` times, then ``steps`` timed; cells in a random
+    order (from ``seed``); the median replaces ``step_seconds`` (the in-run medians stay as
+    ``step_seconds_in_runs``). Meant for an otherwise idle machine: the sweep's own step
+    times share the CPU with whatever else ran during its hour."""
+    import random
+
+    stored = out / "sweep_minilm.json"
+    report = json.loads(stored.read_text())
+    grid_lr = report["full_lr_grid"]["lr"]
+    by_name = {c.name: c for c in cells()}
+    records = [r for r in report["cells"] if r["kind"] != "zero-shot"]
+    random.Random(seed).shuffle(records)
+    for rec in records:
+        run = step_timer(cell_argv(ctx, by_name[rec["name"]], 0, ctx["work"] / "run", grid_lr))
+        for _ in range(warmup):
+            run()
+        times = [run() for _ in range(steps)]
+        rec.setdefault("step_seconds_in_runs", rec["step_seconds"])
+        rec["step_seconds"] = statistics.median(times)
+        rec["step_seconds_retimed"] = times
+        print(f"  {rec['name']}: {rec['step_seconds']:.3f} s/step (in the sweep's runs: "
+              f"{rec['step_seconds_in_runs']:.3f})", flush=True)
+        del run
+        gc.collect()
+    report["retimed"] = {"warmup": warmup, "steps": steps, "order_seed": seed,
+                         "order": [r["name"] for r in records],
+                         "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
+    stored.write_text(json.dumps(report, indent=1) + "\n")
+    from experiments.sweep_report import markdown, plot
+
+    (out / "sweep_minilm.md").write_text(markdown(report))
+    plot(report, out / "sweep_minilm.png")
+    return report
+
+
 def rerun(ctx: dict, cell: Cell, seed: int, out: Path, full_lr: float | None) -> dict:
     """One cell and seed again; compared with the stored results when there are some."""
     stored = out / "sweep_minilm.json"
@@ -368,9 +436,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, help="pairs per step (default: the recipe's)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the cells an interrupted sweep finished (<work>/partial.json)")
+    ap.add_argument("--retime", action="store_true",
+                    help="measure the stored sweep's step times again, in a pass of their "
+                         "own on an idle machine (rewrites the table and plot)")
     a = ap.parse_args(argv)
     ctx = prepare(a)
     with compile_cache(ctx["work"] / "xla_cache"):
+        if a.retime:
+            return retime(ctx, Path(a.out))
         if a.only:
             cell = next(c for c in cells() if c.name == a.only)
             return rerun(ctx, cell, a.seed, Path(a.out), a.full_lr)

@@ -51,8 +51,12 @@ def markdown(report: dict) -> str:
         "compiled MiB (temp + args) |",
         "|---|---:|---|---:|---|---|---:|---:|", *rows, "",
         "vs full: the difference of mean recall@1 from full fine-tuning's.",
-        "Step s: median wall-clock seconds of steps 3 onwards (the first compiles), median "
-        "over seeds. Compiled MiB: XLA's memory analysis of the compiled train step, "
+        (f"Step s: median wall-clock seconds of {report['retimed']['steps']} train steps "
+         f"(after {report['retimed']['warmup']} warm-up steps) of each cell's config, timed "
+         "in a pass of their own (`--retime`), cells in random order, on an otherwise idle "
+         "machine." if "retimed" in report else
+         "Step s: median wall-clock seconds of steps 3 onwards (the first compiles), median "
+         "over seeds.") + " Compiled MiB: XLA's memory analysis of the compiled train step, "
         "temporaries plus arguments (frozen weights, trainable state, batch), once per "
         "config.", "",
         f"Full fine-tuning's lr: {grid['lr']:g}, "

@@ -49,7 +49,7 @@ def test_cell_command_lines(tmp_path):
                                                                             "default")
 
 
-def test_a_cell_reruns_to_the_same_numbers(tmp_path, bert_dir, pair_data):
+def test_a_cell_reruns_to_the_same_numbers(tmp_path, bert_dir, pair_data, monkeypatch):
     argv = ["--only", "lora-r8", "--seed", "1", "--model", str(bert_dir), "--data",
             *map(str, pair_data), "--steps", "4", "--batch-size", "8",
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results")]
@@ -69,6 +69,20 @@ def test_a_cell_reruns_to_the_same_numbers(tmp_path, bert_dir, pair_data):
     assert second["memory"] == first["memory"]
     assert second["trainable_params"] == first["trainable_params"]
     assert jax.config.jax_compilation_cache_dir is None  # the sweep's cache is switched off
+    # --retime measures the stored cells' steps again and rewrites the table (rendered by
+    # test_report_renders; a one-cell sweep has no zero-shot or full row to draw)
+    import experiments.sweep_report as R
+
+    monkeypatch.setattr(R, "markdown", lambda report: json.dumps(report["retimed"]))
+    monkeypatch.setattr(R, "plot", lambda report, path: path.write_text("png"))
+    retimed = S.main([*argv[4:], "--retime"])
+    (cell,) = retimed["cells"]
+    assert len(cell["step_seconds_retimed"]) == 10 and cell["step_seconds"] > 0
+    assert cell["step_seconds_in_runs"] == run["step_seconds"]
+    assert retimed["retimed"]["order"] == ["lora-r8"]
+    assert json.loads((tmp_path / "results" / "sweep_minilm.md").read_text())["steps"] == 10
+    stored = json.loads((tmp_path / "results" / "sweep_minilm.json").read_text())
+    assert stored["cells"][0]["step_seconds"] == cell["step_seconds"]
 
 
 def test_report_renders(tmp_path):
@@ -103,3 +117,5 @@ def test_report_renders(tmp_path):
     assert "| LoRA r=64, all linear | 8,000 | 0.472 ± 0.002 | +0.060 |" in text
     plot(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
+    report["retimed"] = {"warmup": 3, "steps": 10}
+    assert "10 train steps (after 3 warm-up steps)" in markdown(report)

@@ -151,3 +151,22 @@ def test_chunked_loss_equals_the_logits_path_in_value_and_gradients():
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
                      g, ref_g)
+
+
+def test_blocked_causal_attention_equals_one_block_in_value_and_gradients(monkeypatch):
+    """128 positions: 4 blocks of queries, each attending to the keys up to its end; with
+    right padding (the rows a loss counts), the same loss and gradients as one block."""
+    from jlora.models import llama
+
+    assert llama._causal_blocks(128) == 4 and llama._causal_blocks(100) == 1
+    model = LlamaForCausalLM(_config(vocab=97))
+    ids = jax.random.randint(jax.random.key(5), (2, 128), 0, 97)
+    base = model.init(jax.random.key(0), ids[:, :8])
+    params = _perturbed(jlora.inject(base, jlora.LoraConfig(rank=4, targets=ALL),
+                                     jax.random.key(1)), jax.random.key(2))
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids).at[1, 90:].set(0)}
+    loss, g = _loss_and_grads(model, params, batch)
+    monkeypatch.setattr(llama, "_causal_blocks", lambda t: 1)
+    ref_loss, ref_g = _loss_and_grads(model, params, batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), g, ref_g)

@@ -58,20 +58,22 @@ def _save(name, tmp_path, **save_kw):
     return model
 
 
-def _batch():
+def _batch(length=9):
     rng = np.random.RandomState(1)
-    ids = rng.randint(0, TINY["vocab_size"], (3, 9))
+    ids = rng.randint(0, TINY["vocab_size"], (3, length))
     mask = np.ones_like(ids)
     mask[0, :3] = 0  # left padding
     mask[1, 6:] = 0  # right padding
     return ids, mask
 
 
+# 136 positions: causal attention in 4 blocks of queries (jlora.models.llama._causal_blocks)
+@pytest.mark.parametrize("length", [9, 136])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_logits_match_transformers(name, tmp_path):
+def test_logits_match_transformers(name, length, tmp_path):
     torch_model = _save(name, tmp_path)
     model, params, hf_config = load(tmp_path)
-    ids, mask = _batch()
+    ids, mask = _batch(length)
     with torch.no_grad():
         ref = torch_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
     out = np.asarray(model.apply(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
