@@ -331,6 +331,7 @@ def run(work: Path, *, seed: int = 0, scale: Scale = FULL, jlora: Jlora = subpro
     the others run; the data and the initial model are rebuilt (they depend on the seed
     alone)."""
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
+    source = _source()
     seed_file = work / "seed"
     if resume and seed_file.is_file() and int(seed_file.read_text()) != seed:
         raise SystemExit(f"--resume: {work} holds runs of seed {seed_file.read_text().strip()}"
@@ -380,7 +381,7 @@ def run(work: Path, *, seed: int = 0, scale: Scale = FULL, jlora: Jlora = subpro
               "configs": configs,
               "pretrain": pre, "code_ppl_pretrained": before_code, "adapt": adapt,
               "prompts": list(PROMPTS), "generations": gens, "versions": _versions(),
-              "source": _source(),
+              "source": source | ({} if _source() == source else {"changed_during_run": True}),
               "machine": _machine(), "resumed": resume, "wall_s": time.perf_counter() - t0,
               "cpu_s": _cpu_seconds() - cpu0}
     if results is not None:
@@ -404,13 +405,15 @@ def _versions() -> dict[str, str]:
 
 
 def _source() -> dict[str, Any]:
-    """The commit the library ran from, and its files that differed from it."""
+    """The commit the library ran from, and its files that differed from it (with their
+    contents' hash, so that an edit during the run shows)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True,
                               text=True).stdout.strip()
 
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "jlora").splitlines()]
-    return {"commit": git("rev-parse", "HEAD"), "modified": dirty}
+    return {"commit": git("rev-parse", "HEAD"), "modified": dirty,
+            "modified_hash": git("hash-object", *dirty) if dirty else ""}
 
 
 def _machine() -> str:

@@ -96,6 +96,8 @@ def markdown(r: dict[str, Any]) -> str:
     v = ", ".join(f"{k} {x}" for k, x in r["versions"].items())
     src = r.get("source", {})
     mod = f" (with local changes to {', '.join(src['modified'])})" if src.get("modified") else ""
+    if src.get("changed_during_run"):
+        mod += " (**the library changed during the run**: its numbers mix two versions)"
     lines += [f"jlora at commit {src.get('commit', '?')[:10]}{mod}. "
               f"Machine: {r['machine']}. Versions: {v}. The whole experiment: "
               f"{r['wall_s'] / 60:.1f} min wall-clock, {r['cpu_s'] / 60:.1f} min of CPU "
