@@ -381,7 +381,8 @@ def run(work: Path, *, seed: int = 0, scale: Scale = FULL, jlora: Jlora = subpro
               "configs": configs,
               "pretrain": pre, "code_ppl_pretrained": before_code, "adapt": adapt,
               "prompts": list(PROMPTS), "generations": gens, "versions": _versions(),
-              "source": source | ({} if _source() == source else {"changed_during_run": True}),
+              "source": source | ({} if _same_library(_source(), source)
+                                 else {"changed_during_run": True}),
               "machine": _machine(), "resumed": resume, "wall_s": time.perf_counter() - t0,
               "cpu_s": _cpu_seconds() - cpu0}
     if results is not None:
@@ -405,15 +406,23 @@ def _versions() -> dict[str, str]:
 
 
 def _source() -> dict[str, Any]:
-    """The commit the library ran from, and its files that differed from it (with their
-    contents' hash, so that an edit during the run shows)."""
+    """The commit the library ran from, its ``jlora/`` tree, and its files that differed from
+    it (with their contents' hash, so that an edit during the run shows)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True,
                               text=True).stdout.strip()
 
     dirty = [line[3:] for line in git("status", "--porcelain", "--", "jlora").splitlines()]
-    return {"commit": git("rev-parse", "HEAD"), "modified": dirty,
+    return {"commit": git("rev-parse", "HEAD"), "jlora_tree": git("rev-parse", "HEAD:jlora"),
+            "modified": dirty,
             "modified_hash": git("hash-object", *dirty) if dirty else ""}
+
+
+def _same_library(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two :func:`_source` records hold the same library (commits elsewhere in the
+    repository do not count)."""
+    return {k: v for k, v in a.items() if k != "commit"} == \
+        {k: v for k, v in b.items() if k != "commit"}
 
 
 def _machine() -> str:
