@@ -178,24 +178,24 @@ def _pairs(cfg: Any, split: str, limit: int | None = None) -> dict:
                          query_field=fields[0], document_field=fields[1])
 
 
-def compiled_memory(argv: list[str]) -> dict[str, int]:
-    """The compiled train step's memory (XLA's memory_analysis) and the trainable params."""
-    import jax
-
+def _session_step(argv: list[str]) -> tuple[Any, Any, Any]:
+    """A run's session (model, state, frozen weights), its train step and its first batch."""
     from jlora import train
-    from jlora.cli import tasks as T
-    from jlora.cli.finetune import MAX_BAD_STEPS, build_session
+    from jlora.cli.finetune import build_session
     from jlora.cli.parse import parse
 
     cfg = parse(argv)
     s = build_session(cfg, cfg.train.steps)
-    loss_fn = T.make_loss(cfg.task, s.model, dropout=s.lora_config.dropout,
-                          temperature=cfg.train.temperature)
-    step = train.make_train_step(loss_fn, s.tx, s.shardings, accum_steps=cfg.train.accum_steps,
-                                 precision=s.precision, schedule=s.schedule,
-                                 max_bad_steps=MAX_BAD_STEPS)
     batch = train.shard_batch(_pairs(cfg, "train", cfg.train.batch_size), s.shardings.batch,
                               multiple=cfg.train.accum_steps)
+    return s, s.train_step(), batch
+
+
+def compiled_memory(argv: list[str]) -> dict[str, int]:
+    """The compiled train step's memory (XLA's memory_analysis) and the trainable params."""
+    import jax
+
+    s, step, batch = _session_step(argv)
     mem = step.lower(s.state, s.frozen, batch).compile().memory_analysis()
     out = {k: int(getattr(mem, f"{k}_size_in_bytes"))
            for k in ("temp", "argument", "output", "alias", "generated_code")}
@@ -336,20 +336,7 @@ def step_timer(argv: list[str]) -> Callable[[], float]:
     one step and returns its wall-clock seconds."""
     import jax
 
-    from jlora import train
-    from jlora.cli import tasks as T
-    from jlora.cli.finetune import MAX_BAD_STEPS, build_session
-    from jlora.cli.parse import parse
-
-    cfg = parse(argv)
-    s = build_session(cfg, cfg.train.steps)
-    loss_fn = T.make_loss(cfg.task, s.model, dropout=s.lora_config.dropout,
-                          temperature=cfg.train.temperature)
-    step = train.make_train_step(loss_fn, s.tx, s.shardings, accum_steps=cfg.train.accum_steps,
-                                 precision=s.precision, schedule=s.schedule,
-                                 max_bad_steps=MAX_BAD_STEPS)
-    batch = train.shard_batch(_pairs(cfg, "train", cfg.train.batch_size), s.shardings.batch,
-                              multiple=cfg.train.accum_steps)
+    s, step, batch = _session_step(argv)
     box = {"state": s.state}
 
     def run() -> float:

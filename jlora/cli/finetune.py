@@ -119,6 +119,15 @@ class Session:
         """The adapted tree (``trainable`` default: the state's adapters)."""
         return combine(self.state.params if trainable is None else trainable, self.frozen)
 
+    def train_step(self) -> train.TrainStep:
+        """The run's compiled train step: the task's loss over the adapted model."""
+        loss_fn = T.make_loss(self.cfg.task, self.model, dropout=self.lora_config.dropout,
+                              temperature=self.cfg.train.temperature)
+        return train.make_train_step(loss_fn, self.tx, self.shardings,
+                                     accum_steps=self.cfg.train.accum_steps,
+                                     precision=self.precision, schedule=self.schedule,
+                                     max_bad_steps=MAX_BAD_STEPS)
+
 
 def build_session(cfg: Finetune, total_steps: int, mesh: Any = None) -> Session:
     """Loads the base model, injects adapters and lays the run out over the mesh."""
@@ -168,11 +177,7 @@ def finetune(cfg: Finetune, *, progress: bool = True,
     s = build_session(cfg, total, mesh)
     log(f"full fine-tuning: {sum(x.size for x in jax.tree.leaves(s.state.params)):,} trainable "
         "params" if cfg.full else str(summary(s.params)))
-    loss_fn = T.make_loss(cfg.task, s.model, dropout=lora_config.dropout,
-                          temperature=cfg.train.temperature)
-    step = train.make_train_step(loss_fn, s.tx, s.shardings, accum_steps=cfg.train.accum_steps,
-                                 precision=s.precision, schedule=s.schedule,
-                                 max_bad_steps=MAX_BAD_STEPS)
+    step = s.train_step()
     evaluate = (T.make_evaluate(cfg.task, s.model, eval_arrays, cfg.train.eval_batch_size,
                                 s.shardings.batch) if eval_arrays is not None else None)
     metric, higher = T.TARGET_METRIC[cfg.task]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from _peft_edit import edit_config, edit_tensors
 
 import jlora
 import jlora.hf.peft as hp
@@ -41,18 +41,6 @@ def adapter(tmp_path):
     return base, params, save_peft(params, CONFIG, tmp_path / "adapter")
 
 
-def _edit_tensors(path, fn):
-    file = path / "adapter_model.safetensors"
-    tensors = load_file(file)
-    fn(tensors)
-    save_file(tensors, file, metadata={"format": "pt"})
-
-
-def _edit_config(path, **changes):
-    file = path / "adapter_config.json"
-    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
-
-
 def test_good_adapter_loads(adapter):
     base, params, path = adapter
     back, config = load_peft(base, path)
@@ -62,7 +50,7 @@ def test_good_adapter_loads(adapter):
 
 def test_other_peft_type(adapter):
     base, _, path = adapter
-    _edit_config(path, peft_type="IA3")
+    edit_config(path, peft_type="IA3")
     with pytest.raises(ConfigError, match=r"peft_type='IA3'.*LoRA adapters only"):
         load_peft(base, path)
 
@@ -74,7 +62,7 @@ def test_other_peft_type(adapter):
 ])
 def test_unsupported_lora_feature(adapter, field, value, feature):
     base, _, path = adapter
-    _edit_config(path, **{field: value})
+    edit_config(path, **{field: value})
     with pytest.raises(ConfigError, match=f"{field}=.*{feature}.*jlora does not implement"):
         load_peft(base, path)
 
@@ -93,7 +81,7 @@ def test_target_modules_absent_from_the_model(adapter):
 
 def test_config_targets_match_nothing_in_the_model(adapter):
     _, _, path = adapter
-    _edit_config(path, target_modules=["w_proj"])
+    edit_config(path, target_modules=["w_proj"])
     with pytest.raises(TargetError, match="w_proj"):
         load_peft(_base(), path)
 
@@ -109,8 +97,8 @@ def test_shape_mismatch_names_tensor_and_shapes(adapter):
 
 def test_rank_in_file_differs_from_config(adapter):
     base, _, path = adapter
-    _edit_config(path, r=3, target_modules=["q_proj"])
-    _edit_tensors(path, lambda t: [t.pop(k) for k in list(t) if "embed" in k])
+    edit_config(path, r=3, target_modules=["q_proj"])
+    edit_tensors(path, lambda t: [t.pop(k) for k in list(t) if "embed" in k])
     with pytest.raises(ShapeError, match=r"rank 3 needs \(3, 8\)"):
         load_peft(base, path)
 
@@ -118,7 +106,7 @@ def test_rank_in_file_differs_from_config(adapter):
 def test_missing_tensor(adapter):
     base, _, path = adapter
     key = "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"
-    _edit_tensors(path, lambda t: t.pop(key))
+    edit_tensors(path, lambda t: t.pop(key))
     with pytest.raises(HFError, match=rf"missing tensors: '{key}'"):
         load_peft(base, path)
 
@@ -126,14 +114,14 @@ def test_missing_tensor(adapter):
 def test_extra_tensor(adapter):
     base, _, path = adapter
     key = "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"
-    _edit_tensors(path, lambda t: t.update({key: np.zeros((2, 8), np.float32)}))
+    edit_tensors(path, lambda t: t.update({key: np.zeros((2, 8), np.float32)}))
     with pytest.raises(HFError, match=rf"unexpected tensors: '{key}'"):
         load_peft(base, path)
 
 
 def test_stray_tensor(adapter):
     base, _, path = adapter
-    _edit_tensors(path, lambda t: t.update({"something.else": np.zeros(3, np.float32)}))
+    edit_tensors(path, lambda t: t.update({"something.else": np.zeros(3, np.float32)}))
     with pytest.raises(HFError, match="unexpected tensors: 'something.else'"):
         load_peft(base, path)
 
@@ -177,10 +165,10 @@ def test_peft_base_embedding_replaces_the_base(adapter):
     base, params, path = adapter
     key = "base_model.model.model.embed_tokens.base_layer.weight"
     new = np.full((11, 8), 0.5, np.float32)
-    _edit_tensors(path, lambda t: t.update({key: new}))
+    edit_tensors(path, lambda t: t.update({key: new}))
     back, _ = load_peft(base, path)
     assert np.array_equal(back["params"]["model"]["embed_tokens"]["embedding"], new)
-    _edit_tensors(path, lambda t: t.update({key: np.zeros((12, 8), np.float32)}))
+    edit_tensors(path, lambda t: t.update({key: np.zeros((12, 8), np.float32)}))
     with pytest.raises(ShapeError, match="embed_tokens.base_layer.weight"):
         load_peft(base, path)
 
@@ -239,13 +227,13 @@ def test_tied_head_adapter(tmp_path):
     assert config2 == config
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
     key = "base_model.model.lm_head.lora_A.weight"
-    _edit_tensors(path, lambda t: t.update({key: t[key] + 1}))
+    edit_tensors(path, lambda t: t.update({key: t[key] + 1}))
     with pytest.raises(HFError, match="not the tied transpose"):
         load_peft(base, path)
-    _edit_tensors(path, lambda t: t.update({key: t[key][:, :4]}))
+    edit_tensors(path, lambda t: t.update({key: t[key][:, :4]}))
     with pytest.raises(ShapeError, match="ties lm_head to model.embed_tokens"):
         load_peft(base, path)
-    _edit_config(path, alpha_pattern={"embed_tokens": 6, "lm_head": 7})
+    edit_config(path, alpha_pattern={"embed_tokens": 6, "lm_head": 7})
     with pytest.raises(ConfigError, match="rank/alpha"):
         load_peft(base, path)
 

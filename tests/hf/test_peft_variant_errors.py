@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from _peft_edit import edit_config, edit_tensors
+from safetensors.numpy import load_file
 
 import jlora
 from jlora import paths as P
@@ -61,18 +62,6 @@ def adapter(tmp_path):
     base = _base()
     params = _perturbed(jlora.inject(base, DORA, jax.random.key(0)))
     return base, params, save_peft(params, DORA, tmp_path / "adapter", hf_config=LLAMA)
-
-
-def _edit_tensors(path, fn):
-    file = path / "adapter_model.safetensors"
-    tensors = load_file(file)
-    fn(tensors)
-    save_file(tensors, file, metadata={"format": "pt"})
-
-
-def _edit_config(path, **changes):
-    file = path / "adapter_config.json"
-    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
 
 
 def test_the_adapter_round_trips(adapter):
@@ -211,7 +200,7 @@ def test_load_refuses_a_bad_hf_config(adapter):
 ])
 def test_file_that_does_not_match_its_config(adapter, edit, cls, match):
     base, _, path = adapter
-    _edit_tensors(path, edit)
+    edit_tensors(path, edit)
     with pytest.raises(cls, match=match):
         load_peft(base, path, hf_config=LLAMA)
 
@@ -223,7 +212,7 @@ def test_file_that_does_not_match_its_config(adapter, edit, cls, match):
 ])
 def test_config_that_does_not_match_its_file(adapter, changes, match):
     base, _, path = adapter
-    _edit_config(path, **changes)
+    edit_config(path, **changes)
     with pytest.raises(HFError, match=match):
         load_peft(base, path, hf_config=LLAMA)
 
@@ -233,8 +222,8 @@ def test_dora_on_a_layer_jlora_does_not_rescale(tmp_path):
     base = _base()
     config = jlora.LoraConfig(rank=2, targets=["embed_tokens"])
     path = save_peft(jlora.inject(base, config, jax.random.key(0)), config, tmp_path / "a")
-    _edit_config(path, use_dora=True)
-    _edit_tensors(path, lambda t: t.update({
+    edit_config(path, use_dora=True)
+    edit_tensors(path, lambda t: t.update({
         "base_model.model.model.embed_tokens.lora_magnitude_vector": np.ones(8, np.float32)}))
     with pytest.raises(LayoutError, match="model.embed_tokens.*DoRA adapts Dense, "
                                           "DenseGeneral and Einsum kernels only, not an Embed"):
