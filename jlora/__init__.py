@@ -10,6 +10,7 @@ Example:
 """
 
 from jlora import errors
+from jlora.adapters import adapter_names, delete_adapter, select
 from jlora.config import LoraConfig
 from jlora.errors import JloraError
 from jlora.forward import lora
@@ -37,7 +38,9 @@ __all__ = [
     "Plan",
     "PlanEntry",
     "Summary",
+    "adapter_names",
     "combine",
+    "delete_adapter",
     "delta",
     "errors",
     "inject",
@@ -47,6 +50,7 @@ __all__ = [
     "merge",
     "optimizer",
     "plan",
+    "select",
     "split",
     "summary",
     "unmerge",

@@ -16,6 +16,7 @@ __all__ = [
     "AlreadyInjectedError",
     "NotInjectedError",
     "IncompleteAdapterError",
+    "AdapterNameError",
     "KeyTypeError",
     "UnconsumedAdapterError",
     "HFError",
@@ -67,6 +68,13 @@ class NotInjectedError(JloraError, ValueError):
 class IncompleteAdapterError(JloraError, ValueError):
     """An adapter misses one of its leaves (``<param>_lora_a``, ``_lora_b``, ``_lora_scale`` or
     ``_lora_merged``) or the param it adapts."""
+
+
+class AdapterNameError(JloraError, KeyError):
+    """An adapter name that the tree does not hold (the message lists those it does)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class KeyTypeError(JloraError, TypeError):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from jlora import paths as P
+from jlora.adapters import select
 from jlora.errors import ConfigError, LayoutError, UnconsumedAdapterError
 from jlora.merge import copy_params, fold_copy, fold_modules, merge, weight_norm
 
@@ -196,7 +197,78 @@ def _dora(mod: nn.Module, args: tuple, kwargs: dict, y, d, xd, kernel, a, b, s, 
     return y + (f - 1) * _base(mod, args, kwargs, xd, kernel, n_in).astype(y.dtype) + f * d
 
 
-def _interceptor(rate: float, consumed: set[str]) -> Callable:
+# ----------------------------------------------------------------------------- selection
+
+
+def _adapter_names_at(mod: nn.Module, param: str) -> list[str]:
+    """The names of the adapters a bound module holds for ``param``, in adapter order."""
+    leaves = mod.variables.get("params", {})
+    return [n for n in P.views(leaves) if P.named(param + P.A_SUFFIX, n) in leaves]
+
+
+def _stack(leaves: list[jax.Array], axis: int) -> jax.Array:
+    """Stacks adapters' A (rank last) or B (rank first) with their ranks zero-padded to the
+    largest: a padded rank adds zeros, not error."""
+    r = max(x.shape[axis] for x in leaves)
+    pad = lambda x: jnp.pad(x, [(0, r - x.shape[axis]) if i == axis % x.ndim else (0, 0)  # noqa: E731
+                                for i in range(x.ndim)])
+    return jnp.stack([pad(x) for x in leaves])
+
+
+def _mixed_delta(mod: nn.Module, method: str, args: tuple, kwargs: dict, x, routes, get):
+    """The adapters' sum for a batch whose example ``i`` runs adapter ``route[i]`` (−1: none).
+
+    Each example gathers its own A and B from the stacked adapters of this layer (ranks
+    zero-padded to the largest) and runs ``(x_i @ A_i) * s_i @ B_i``: no ΔW, and per example
+    only its adapter's low-rank FLOPs. ``routes`` is ``(ids, local)``: the batch's adapter
+    indices and, for each index of the tree's adapter order, this layer's stack slot (−1
+    where this layer has no such adapter)."""
+    ids, local = routes
+    names = [n for n in local if n is not None]
+    if not isinstance(mod, nn.Dense | nn.DenseGeneral | nn.Embed):
+        raise LayoutError(f"{'.'.join(map(str, mod.scope.path))}: a mixed-adapter batch runs "
+                          f"Dense, DenseGeneral and Embed layers, not {type(mod).__name__}; "
+                          "run this model's adapters one at a time (adapter='name').")
+    batch = ids.shape[0]
+    if x.ndim < 2 or x.shape[0] != batch:
+        raise LayoutError(f"{'.'.join(map(str, mod.scope.path))}: a mixed-adapter batch of "
+                          f"{batch} examples, but this layer's input has shape {x.shape}; the "
+                          "adapter indices need one entry per example (the first axis).")
+    slot = jnp.asarray([-1 if n is None else names.index(n) for n in local] + [-1], jnp.int32)
+    idx = slot[jnp.where(ids < 0, len(local), ids)]
+    pick = jnp.maximum(idx, 0)
+    a = _stack([get(P.A_SUFFIX, n) for n in names], -1)
+    b = _stack([get(P.B_SUFFIX, n) for n in names], 0)
+    s = jnp.stack([get(P.SCALE_SUFFIX, n).astype(jnp.float32) for n in names])
+    s_ex = jnp.where(idx >= 0, s[pick], 0.0)
+    if isinstance(mod, nn.Embed) and method != "attend":  # x holds token ids
+        a, b = promote_dtype(a, b, dtype=mod.dtype)
+    else:
+        x, a, b = promote_dtype(x, a, b, dtype=mod.dtype)
+    s_ex = s_ex.astype(a.dtype)
+    if isinstance(mod, nn.Embed):
+        if method == "attend":  # q @ (A @ B).T per example
+            t = jnp.einsum("bsf,brf->bsr", x.reshape(batch, -1, x.shape[-1]), b[pick])
+            y = jnp.einsum("bsr,bvr->bsv", t * s_ex[:, None, None], a[pick])
+            return y.reshape(*x.shape[:-1], a.shape[1])
+        t = a[pick.reshape((batch,) + (1,) * (x.ndim - 1)), x]  # (batch, ..., r)
+        t = t.reshape(batch, -1, t.shape[-1]) * s_ex[:, None, None]
+        return jnp.einsum("btr,bro->bto", t, b[pick]).reshape(*x.shape, b.shape[-1])
+    n_in = a.ndim - 2
+    x2d, lead = _dense_2d(mod, x, n_in)
+    if not lead or lead[0] != batch:
+        raise LayoutError(f"{'.'.join(map(str, mod.scope.path))}: a mixed-adapter batch of "
+                          f"{batch} examples, but this layer's input has leading shape "
+                          f"{tuple(lead)}; the adapter indices need one entry per example "
+                          "(the first axis).")
+    r = a.shape[-1]
+    x3 = x2d.reshape(batch, -1, x2d.shape[-1])
+    t = jnp.einsum("bti,bir->btr", x3, a[pick].reshape(batch, -1, r)) * s_ex[:, None, None]
+    y = jnp.einsum("btr,bro->bto", t, b[pick].reshape(batch, r, -1))
+    return y.reshape(*lead, *b.shape[2:])
+
+
+def _interceptor(rate: float, consumed: set[str], routes=None) -> Callable:
     def interceptor(next_fun, args, kwargs, context):
         mod, method = context.module, context.method_name
         if method not in ("__call__", "attend") or not isinstance(mod, _SUPPORTED):
@@ -204,7 +276,8 @@ def _interceptor(rate: float, consumed: set[str]) -> Callable:
         if method == "attend" and not isinstance(mod, nn.Embed):
             return next_fun(*args, **kwargs)
         param = "embedding" if isinstance(mod, nn.Embed) else "kernel"
-        if mod.scope is None or not mod.has_variable("params", param + P.A_SUFFIX):
+        names = [] if mod.scope is None else _adapter_names_at(mod, param)
+        if not names:
             return next_fun(*args, **kwargs)
         path = ".".join(str(p) for p in mod.scope.path)
         aliases = _ALIASES.get()
@@ -213,38 +286,87 @@ def _interceptor(rate: float, consumed: set[str]) -> Callable:
         else:
             consumed.update(f"{a}.{path}" if path else a for a in aliases)
         y = next_fun(*args, **kwargs)
-        if mod.has_variable("params", param + P.MERGED_SUFFIX):
-            return y
-        get = lambda suffix: P.unbox(mod.get_variable("params", param + suffix))  # noqa: E731
-        a, b, s = get(P.A_SUFFIX), get(P.B_SUFFIX), get(P.SCALE_SUFFIX)
-        dora = mod.has_variable("params", param + P.MAGNITUDE_SUFFIX)
+        get = lambda suffix, n: P.unbox(  # noqa: E731
+            mod.get_variable("params", P.named(param + suffix, n)))
+        live = [n for n in names if not mod.has_variable("params",
+                                                          P.named(param + P.MERGED_SUFFIX, n))]
+        dora = [n for n in live if mod.has_variable("params",
+                                                    P.named(param + P.MAGNITUDE_SUFFIX, n))]
         if dora and isinstance(mod, nn.Embed | nn.Conv):
             raise LayoutError(f"{path}: DoRA adapts Dense, DenseGeneral and Einsum layers only, "
                               f"not {type(mod).__name__}; inject it with use_dora=False.")
-        if isinstance(mod, nn.Embed):  # no dropout on embeddings, as PEFT
-            return y + _embed_delta(mod, method, args, a, b, s).astype(y.dtype)
-        xd = _dropout(mod, _input(args, kwargs), rate)
-        d = _delta(mod, args, kwargs, xd, a, b, s).astype(y.dtype)
-        if not dora:
-            return y + d
-        return _dora(mod, args, kwargs, y, d, xd, get(""), a, b, s, get(P.MAGNITUDE_SUFFIX))
+        if routes is not None and live:
+            if dora or len(live) < len(names):
+                raise LayoutError(f"{path}: a mixed-adapter batch runs unmerged LoRA adapters "
+                                  "only (here: DoRA or merged ones); unmerge them, or run "
+                                  "one adapter at a time (adapter='name').")
+            ids, order = routes
+            local = [n if n in live else None for n in order]
+            x = _input(args, kwargs) if method == "attend" else args[0] if isinstance(
+                mod, nn.Embed) else _dropout(mod, _input(args, kwargs), rate)
+            return y + _mixed_delta(mod, method, args, kwargs, x, (ids, local),
+                                    get).astype(y.dtype)
+        for n in live:  # PEFT's order: each adapter adds to what the previous ones gave
+            a, b, s = get(P.A_SUFFIX, n), get(P.B_SUFFIX, n), get(P.SCALE_SUFFIX, n)
+            if isinstance(mod, nn.Embed):  # no dropout on embeddings, as PEFT
+                y = y + _embed_delta(mod, method, args, a, b, s).astype(y.dtype)
+                continue
+            xd = _dropout(mod, _input(args, kwargs), rate)
+            d = _delta(mod, args, kwargs, xd, a, b, s).astype(y.dtype)
+            if n not in dora:
+                y = y + d
+            else:
+                kernel = P.unbox(mod.get_variable("params", param))
+                y = _dora(mod, args, kwargs, y, d, xd, kernel, a, b, s, get(P.MAGNITUDE_SUFFIX, n))
+        return y
 
     return interceptor
 
 
 def _read_copies(tree: Any) -> Any:
     """The tree with each trainable copy in its param's place (what the model reads)."""
-    def fn(_, leaves):
+    def fn(module, leaves):
         out = dict(leaves)
-        for param in copy_params(leaves):
-            fold_copy(out, param, True)
+        owner: dict[str, str] = {}
+        for name, view in P.views(leaves).items():
+            for param in copy_params(view):
+                if param in owner:
+                    raise ConfigError(
+                        f"{module}.{param}: adapters {owner[param]!r} and {name!r} both hold a "
+                        "trainable copy of it (modules_to_save or a bias mode), and one call "
+                        "can read only one; select one of them (adapter='name').")
+                owner[param] = name
+                fold_copy(view, param, True)
+            out = P.unview(out, name, view)
         return out
 
     return P.map_modules(tree, fn)
 
 
+_EVERY = object()  # lora(fn)'s default: every adapter in the tree runs
+
+
+def _routes(adapter: Any, tree: Any) -> tuple[jax.Array, tuple[str, ...]]:
+    """``(ids, adapter order)`` of a mixed batch, checked: one int per example, each in
+    ``[-1, number of adapters)`` (checked where the indices are concrete)."""
+    names = P.adapter_names(tree)
+    ids = adapter if isinstance(adapter, jax.Array) else jnp.asarray(adapter)
+    if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ConfigError(f"adapter= as a mixed batch is an int array of shape (batch,) "
+                          f"indexing {names}; got {ids.dtype} of shape {ids.shape}.")
+    if not isinstance(ids, jax.core.Tracer):
+        bad = [int(i) for i in jax.device_get(ids) if not -1 <= int(i) < len(names)]
+        if bad:
+            from jlora.errors import AdapterNameError
+
+            raise AdapterNameError(
+                f"mixed batch: adapter index {bad[0]} is out of range; indices pick from "
+                f"{dict(enumerate(names))}, and -1 runs the base model alone.")
+    return ids.astype(jnp.int32), names
+
+
 def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
-         mode: str = "intercept") -> Callable:
+         mode: str = "intercept", adapter: Any = _EVERY) -> Callable:
     """Wraps ``fn(variables, *args, **kwargs)`` (e.g. ``model.apply``) to run the adapters.
 
     Args:
@@ -258,6 +380,14 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
       mode: ``'intercept'`` (default) runs ``x @ A @ B`` inside linen layers; ``'merge'``
         merges every adapter on read and calls ``fn`` on the plain tree, for any JAX function
         of the params (forms ΔW, so meant for inference).
+      adapter: which adapters run (default: every adapter in the tree). A name
+        (``'math'``) or several (``('a', 'b')``, summed as PEFT's active adapters);
+        ``None`` runs the base model alone (PEFT's ``disable_adapter``); an int array of shape
+        ``(batch,)`` gives each example its own adapter, indexing
+        :func:`jlora.adapter_names` (−1: the base model), in inference, generation and
+        training, without forming ΔW (Dense, DenseGeneral and Embed layers; LoRA adapters).
+        Adapters not selected are left out of the call; a merged one is taken out of its
+        kernel for it.
 
     Returns:
       A function with ``fn``'s signature. It checks, once per trace, that every adapter is
@@ -286,20 +416,35 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
     def wrapped(variables, *args, **kwargs):
         # once per trace under jit: Python over the tree's paths
         adapters = P.check_adapters(P.params_of(variables), "lora")
+        routes = None
+        if adapters and adapter is not _EVERY:
+            if adapter is None or isinstance(adapter, str) or (
+                    isinstance(adapter, tuple | list) and all(isinstance(a, str) for a in adapter)):
+                variables = select(variables, adapter)
+                adapters = P.check_adapters(P.params_of(variables), "lora")
+            else:
+                routes = _routes(adapter, P.params_of(variables))
         if not adapters:
             return fn(variables, *args, **kwargs)
         if mode == "merge":
+            if routes is not None:
+                raise ConfigError("mode='merge' forms one merged kernel per call; a mixed-"
+                                  "adapter batch needs mode='intercept'.")
             return fn(merge(variables, unload=True), *args, **kwargs)
         if any(ad.kind == "copy" and not ad.merged for ad in adapters.values()):
+            if routes is not None:
+                raise ConfigError("a mixed-adapter batch cannot read trainable copies "
+                                  "(modules_to_save, bias modes): one call reads one copy; "
+                                  "run those adapters one at a time (adapter='name').")
             variables = P.with_params(variables, _read_copies(P.params_of(variables)))
         consumed: set[str] = set()
-        with nn.intercept_methods(_interceptor(dropout, consumed)):
+        with nn.intercept_methods(_interceptor(dropout, consumed, routes)):
             out = fn(variables, *args, **kwargs)
-        missing = sorted({m for (m, _), ad in adapters.items()
+        missing = sorted({m for (m, _, _), ad in adapters.items()
                           if not ad.merged and ad.kind != "copy"} - consumed)
         if not missing:
             return out
-        if on_unconsumed == "raise":
+        if on_unconsumed == "raise" or routes is not None:
             raise UnconsumedAdapterError(
                 f"no supported layer (Dense, DenseGeneral, Einsum, Conv, Embed) read the "
                 f"adapters of {', '.join(m or '<root>' for m in missing)}; use "
@@ -307,7 +452,7 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
                 "them on read, or target only supported layers.")
         partly = P.with_params(variables, fold_modules(P.params_of(variables), into=True,
                                                        only=set(missing)))
-        with nn.intercept_methods(_interceptor(dropout, set())):
+        with nn.intercept_methods(_interceptor(dropout, set(), routes)):
             return fn(partly, *args, **kwargs)
 
     return wrapped

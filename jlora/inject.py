@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -145,7 +146,8 @@ def _is_linear(module: str, leaf_names: dict[str, Any], layout: Layout | None) -
     return np.ndim(P.unbox(leaf_names["kernel"])) == 2
 
 
-def plan(params: Any, config: LoraConfig, *, layout: Layout | None = None) -> Plan:
+def plan(params: Any, config: LoraConfig, *, layout: Layout | None = None,
+         name: str = P.DEFAULT_ADAPTER) -> Plan:
     """The dry run of :func:`inject`: which paths would be adapted, shapes, ranks, counts.
 
     Raises the same errors as ``inject`` (nothing matched, a non-matrix target, a rank too
@@ -161,23 +163,27 @@ def plan(params: Any, config: LoraConfig, *, layout: Layout | None = None) -> Pl
       >>> p.adapter_params
       192
     """
-    return _plan(P.params_of(params), config, layout)[0]
+    return _plan(P.params_of(params), config, layout, name)[0]
 
 
-def _plan(tree: Any, config: LoraConfig, layout: Layout | None
+def _plan(tree: Any, config: LoraConfig, layout: Layout | None, name: str
           ) -> tuple[Plan, dict[str, dict[str, Any]]]:
     """:func:`plan` of a bare params tree, with the module table it read (for inject)."""
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"config must be a jlora.LoraConfig, got {type(config).__name__}; "
                           "build one with jlora.LoraConfig(rank=..., targets=[...]).")
+    P.check_name(name, "inject")
     leaves, modules = _module_table(tree)
-    adapted = sorted(f"{m}.{n}" if m else n for m, ls in leaves.items() for n in ls
-                     if P.is_adapter_name(n))
-    if adapted:
+    names = P.adapter_names(tree)
+    if name in names:
         raise AlreadyInjectedError(
-            f"this tree already holds adapters ({adapted[0]}, ...): inject adds one adapter "
-            "per kernel. Use jlora.merge(params, unload=True) to fold them in first, or start "
-            "from the base params.")
+            f"this tree already holds an adapter named {name!r} (its adapters: "
+            f"{', '.join(map(repr, names))}): pass another name, e.g. inject(params, config, "
+            f"key, name='second'), remove it with jlora.delete_adapter(params, {name!r}), or "
+            "fold it in with jlora.merge(params, unload=True).")
+    # the plan reads the model's own params; other adapters' leaves are not targets
+    leaves = {m: {n: v for n, v in ls.items() if not P.is_adapter_name(n)}
+              for m, ls in leaves.items()}
     targets = config.targets
     if targets == P.ALL_LINEAR:
         targets = tuple(sorted(m for m, ls in leaves.items() if _is_linear(m, ls, layout)))
@@ -399,7 +405,8 @@ def _like(kernel_leaf: Any, value: jax.Array, axes: Sequence[int | None] | None)
     return value
 
 
-def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | None = None):
+def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | None = None,
+           name: str = P.DEFAULT_ADAPTER):
     """Adds ``<param>_lora_a`` (in..., r), ``<param>_lora_b`` (r, out...) and the scale
     ``<param>_lora_scale`` beside every kernel the config targets; with ``use_dora``, DoRA's
     magnitude ``<param>_lora_magnitude`` (out...), the norm of ``W + scale * A @ B`` per output
@@ -417,9 +424,17 @@ def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | 
       key: a JAX PRNG key (``jax.random.key(0)``).
       layout: ``jlora.layout(model, *example_args)``, needed for kernels with more than two
         axes (DenseGeneral, Einsum, Conv).
+      name: the adapter's name (PEFT's ``adapter_name``). ``'default'`` uses the leaf names
+        above; another name adds a separate adapter beside those already in the tree, its
+        leaves suffixed ``@<name>`` (``kernel_lora_a@math``). Select adapters with
+        ``jlora.lora(fn, adapter=...)``, train one with ``jlora.optimizer(tx, params,
+        adapter=...)``.
 
     Returns:
       A new tree of the same kind with the adapter leaves added.
+
+    Raises:
+      AlreadyInjectedError: the tree already holds an adapter of this name.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -430,7 +445,8 @@ def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | 
     """
     check_key(key)
     tree = P.params_of(params)
-    p, leaves = _plan(tree, config, layout)
+    p, leaves = _plan(tree, config, layout, name)
+    n = functools.partial(P.named, name=name)
     keys = jax.random.split(key, len(p.entries))
     additions: dict[str, dict[str, Any]] = {}
     for k, e in zip(keys, p.entries):
@@ -439,23 +455,23 @@ def inject(params: Any, config: LoraConfig, key: jax.Array, *, layout: Layout | 
         a, b, residual = _init_ab(k, e, config.init, kernel)
         rank_axis = [None]
         new = {
-            f"{e.param}{P.A_SUFFIX}": _like(leaf, a, [*range(e.n_in), *rank_axis]),
-            f"{e.param}{P.B_SUFFIX}": _like(leaf, b, [*rank_axis, *range(e.n_in, len(e.shape))]),
-            f"{e.param}{P.SCALE_SUFFIX}": _like(leaf, jnp.asarray(e.scaling, jnp.float32), []),
+            n(e.param + P.A_SUFFIX): _like(leaf, a, [*range(e.n_in), *rank_axis]),
+            n(e.param + P.B_SUFFIX): _like(leaf, b, [*rank_axis, *range(e.n_in, len(e.shape))]),
+            n(e.param + P.SCALE_SUFFIX): _like(leaf, jnp.asarray(e.scaling, jnp.float32), []),
         }
         if residual is not None:
             new[e.param] = _like(leaf, residual, list(range(len(e.shape))))
         if e.dora:  # PEFT: the norm of W + scale * A @ B per output feature, at init
             w = kernel if residual is None else residual
             m = weight_norm(w, a, b, e.scaling).astype(e.dtype)
-            new[e.param + P.MAGNITUDE_SUFFIX] = _like(leaf, m, list(range(e.n_in, len(e.shape))))
+            new[n(e.param + P.MAGNITUDE_SUFFIX)] = _like(leaf, m, list(range(e.n_in, len(e.shape))))
         additions[e.module] = new
     for path, _ in p.copies:
-        module, name = P.split_path(path)
-        leaf = leaves[module][name]
+        module, param = P.split_path(path)
+        leaf = leaves[module][param]
         axes = list(range(np.ndim(P.unbox(leaf))))
         copy = jnp.array(P.unbox(leaf), copy=True)  # its own buffer: training may donate it
-        additions.setdefault(module, {})[name + P.SAVED_SUFFIX] = _like(leaf, copy, axes)
+        additions.setdefault(module, {})[n(param + P.SAVED_SUFFIX)] = _like(leaf, copy, axes)
     done: set[str] = set()
 
     def add(module, ls):

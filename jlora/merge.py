@@ -10,6 +10,7 @@ merged tree runs at zero overhead.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -111,41 +112,51 @@ _ADAPTER_LEAVES = (P.A_SUFFIX, P.B_SUFFIX, P.MERGED_SUFFIX, P.MAGNITUDE_SUFFIX, 
 
 
 def fold_modules(tree: Any, *, into: bool, unload: bool = False,
-                 only: set[str] | None = None) -> Any:
+                 only: set[str] | None = None, names: Collection[str] | None = None) -> Any:
     """Folds adapters into (``into=True``) or out of their params, module by module.
 
     Folding in turns ``<param>_lora_scale`` into the ``<param>_lora_merged`` marker and swaps
     each trainable copy in (``<param>_lora_saved`` -> ``<param>``, the original kept as
     ``<param>_lora_original``), or, with ``unload``, drops every adapter leaf; folding out
-    reverses it. ``only`` limits the work to some module paths. Adapters already in the
-    wanted state are left alone.
+    reverses it. ``only`` limits the work to some module paths, ``names`` to some adapters
+    (folded in the order of :func:`jlora.paths.adapter_names`, out in the reverse order).
+    Adapters already in the wanted state are left alone.
     """
 
     def fn(module, leaves):
         if only is not None and module not in only:
             return leaves
         out = dict(leaves)
-        for param in P.adapter_params(leaves):
-            _fold_adapter(out, param, into)
-            if unload:
-                for s in _ADAPTER_LEAVES:
-                    out.pop(param + s, None)
-        for param in copy_params(leaves):
-            fold_copy(out, param, into)
-            if unload:
-                out.pop(param + P.ORIGINAL_SUFFIX, None)
+        order = [n for n in P.views(leaves) if names is None or n in names]
+        for name in order if into else order[::-1]:
+            view = P.views(out)[name]
+            for param in P.adapter_params(view):
+                _fold_adapter(view, param, into)
+                if unload:
+                    for s in _ADAPTER_LEAVES:
+                        view.pop(param + s, None)
+            for param in copy_params(view):
+                fold_copy(view, param, into)
+                if unload:
+                    view.pop(param + P.ORIGINAL_SUFFIX, None)
+            out = P.unview(out, name, view)
+        if unload:  # PEFT's merge_and_unload drops the adapters it did not merge too
+            out = {k: v for k, v in out.items() if not P.is_adapter_name(k)}
         return out
 
     return P.map_modules(tree, fn)
 
 
-def merge(params: Any, *, unload: bool = False) -> Any:
-    """Folds every active adapter into its kernel: ``W + scale * A @ B``.
+def merge(params: Any, *, unload: bool = False, adapter: str | Sequence[str] | None = None
+          ) -> Any:
+    """Folds every adapter (or the named ones) into its kernel: ``W + scale * A @ B``.
 
     Args:
       params: an adapted tree (variables dict or bare params).
-      unload: drop the adapter leaves (PEFT's ``merge_and_unload``); otherwise keep them,
-        marked merged, so that :func:`unmerge` restores the tree.
+      unload: drop the adapter leaves (PEFT's ``merge_and_unload``: adapters not merged are
+        dropped too); otherwise keep them, marked merged, so that :func:`unmerge` restores
+        the tree.
+      adapter: the adapter name(s) to merge (PEFT's ``adapter_names``); all by default.
 
     Returns:
       The same kind of tree; ``model.apply(merge(p), x) == lora(model.apply)(p, x)``.
@@ -166,11 +177,13 @@ def merge(params: Any, *, unload: bool = False) -> Any:
     """
     tree = P.params_of(params)
     P.require_adapters(tree, "merge")
-    return P.with_params(params, fold_modules(tree, into=True, unload=unload))
+    names = P.require_names(tree, adapter, "merge")
+    return P.with_params(params, fold_modules(tree, into=True, unload=unload, names=names))
 
 
-def unmerge(params: Any) -> Any:
-    """Takes merged adapters back out of their kernels: the inverse of :func:`merge`.
+def unmerge(params: Any, *, adapter: str | Sequence[str] | None = None) -> Any:
+    """Takes merged adapters (all, or the named ones) back out of their kernels: the inverse
+    of :func:`merge`.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -183,7 +196,8 @@ def unmerge(params: Any) -> Any:
     """
     tree = P.params_of(params)
     P.require_adapters(tree, "unmerge")
-    return P.with_params(params, fold_modules(tree, into=False))
+    names = P.require_names(tree, adapter, "unmerge")
+    return P.with_params(params, fold_modules(tree, into=False, names=names))
 
 
 def delta(params: Any) -> dict[str, Any]:
@@ -191,7 +205,7 @@ def delta(params: Any) -> dict[str, Any]:
 
     ``scale * A @ B`` for LoRA; ``m / n * (W + scale * A @ B) - W`` for DoRA; the copy minus
     the original for a trainable copy (modules_to_save, bias modes). In the param's shape and
-    dtype.
+    dtype. A named adapter's key ends in ``@<name>`` (``'q.kernel@math'``).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -205,24 +219,26 @@ def delta(params: Any) -> dict[str, Any]:
     P.require_adapters(tree, "delta")
     out: dict[str, Any] = {}
 
-    def fn(module, leaves):
-        name = lambda param: f"{module}.{param}" if module else param  # noqa: E731
-        for param in P.adapter_params(leaves):
-            state = leaves.get(param + P.SCALE_SUFFIX, leaves.get(param + P.MERGED_SUFFIX))
-            dtype = P.unbox(leaves[param]).dtype
-            d = delta_w(leaves[param + P.A_SUFFIX], leaves[param + P.B_SUFFIX], state)
-            if param + P.MAGNITUDE_SUFFIX in leaves:
-                before, after, _ = _dora_weights(leaves, param, d)
-                d = after - before
-            out[name(param)] = d.astype(dtype)
-        for param in copy_params(leaves):
-            w = P.unbox(leaves[param])
-            if param + P.SAVED_SUFFIX in leaves:
-                d = P.unbox(leaves[param + P.SAVED_SUFFIX]) - w
-            else:
-                d = w - P.unbox(leaves[param + P.ORIGINAL_SUFFIX])
-            out[name(param)] = d
-        return leaves
+    def fn(module, all_leaves):
+        for adapter, leaves in P.views(all_leaves).items():
+            key = lambda param, a=adapter: P.named(  # noqa: E731
+                f"{module}.{param}" if module else param, a)
+            for param in P.adapter_params(leaves):
+                state = leaves.get(param + P.SCALE_SUFFIX, leaves.get(param + P.MERGED_SUFFIX))
+                dtype = P.unbox(leaves[param]).dtype
+                d = delta_w(leaves[param + P.A_SUFFIX], leaves[param + P.B_SUFFIX], state)
+                if param + P.MAGNITUDE_SUFFIX in leaves:
+                    before, after, _ = _dora_weights(leaves, param, d)
+                    d = after - before
+                out[key(param)] = d.astype(dtype)
+            for param in copy_params(leaves):
+                w = P.unbox(leaves[param])
+                if param + P.SAVED_SUFFIX in leaves:
+                    d = P.unbox(leaves[param + P.SAVED_SUFFIX]) - w
+                else:
+                    d = w - P.unbox(leaves[param + P.ORIGINAL_SUFFIX])
+                out[key(param)] = d
+        return all_leaves
 
     P.map_modules(tree, fn)
     return out

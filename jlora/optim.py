@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -25,10 +26,12 @@ def _leaf_labels(tree: Any, fn) -> Any:
         lambda kp, _: fn(P.keypath_to_path(kp).rsplit(".", 1)[-1]), tree, is_leaf=P.is_box)
 
 
-def labels(params: Any, *, lora_plus: bool = False) -> Any:
+def labels(params: Any, *, lora_plus: bool = False,
+           adapter: str | Sequence[str] | None = None) -> Any:
     """A pytree of ``'trainable'`` (adapter A and B, DoRA's magnitude, the trainable copies of
     modules_to_save and bias modes) / ``'frozen'`` (everything else), ready for
-    ``optax.partition``. With ``lora_plus``, B leaves are ``'trainable_b'``.
+    ``optax.partition``. With ``lora_plus``, B leaves are ``'trainable_b'``. With
+    ``adapter`` (a name or several), only those adapters train; the others are frozen.
 
     Collections other than ``'params'`` of a variables dict are frozen.
 
@@ -41,16 +44,21 @@ def labels(params: Any, *, lora_plus: bool = False) -> Any:
       {'kernel': 'frozen', 'kernel_lora_a': 'trainable', 'kernel_lora_b': 'trainable',
        'kernel_lora_scale': 'frozen'}
     """
-    return _labels(params, lora_plus=lora_plus, what="labels")
+    return _labels(params, lora_plus=lora_plus, what="labels", adapter=adapter)
 
 
-def _labels(params: Any, *, lora_plus: bool, what: str) -> Any:
+def _labels(params: Any, *, lora_plus: bool, what: str,
+            adapter: str | Sequence[str] | None = None) -> Any:
     def label(name: str) -> str:
-        if lora_plus and name.endswith(P.B_SUFFIX):
+        if not P.is_trainable_name(name) or (
+                names is not None and P.parse_leaf(name)[1] not in names):
+            return FROZEN
+        if lora_plus and P.parse_leaf(name)[0].endswith(P.B_SUFFIX):
             return TRAINABLE_B
-        return TRAINABLE if P.is_trainable_name(name) else FROZEN
+        return TRAINABLE
 
     P.check_adapters(P.params_of(params), what)
+    names = P.require_names(P.params_of(params), adapter, what)
     if P.is_variables(params):
         out = {k: _leaf_labels(v, lambda _: FROZEN) for k, v in params.items() if k != "params"}
         out["params"] = _leaf_labels(params["params"], label)
@@ -58,9 +66,10 @@ def _labels(params: Any, *, lora_plus: bool, what: str) -> Any:
     return _leaf_labels(params, label)
 
 
-def split(params: Any) -> tuple[Any, Any]:
+def split(params: Any, *, adapter: str | Sequence[str] | None = None) -> tuple[Any, Any]:
     """Splits a tree into ``(trainable, frozen)`` trees of the same structure, with ``None``
-    where the other holds a leaf. Differentiate w.r.t. ``trainable`` only.
+    where the other holds a leaf. Differentiate w.r.t. ``trainable`` only. With ``adapter``
+    (a name or several), only those adapters are trainable.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -73,7 +82,7 @@ def split(params: Any) -> tuple[Any, Any]:
       >>> jax.tree.structure(combine(trainable, frozen)) == jax.tree.structure(p)
       True
     """
-    lab = _labels(params, lora_plus=False, what="split")
+    lab = _labels(params, lora_plus=False, what="split", adapter=adapter)
     pick = lambda want: jax.tree.map(  # noqa: E731
         lambda lb, x: x if (lb != FROZEN) == want else None, lab, params)
     return pick(True), pick(False)
@@ -94,7 +103,8 @@ def combine(trainable: Any, frozen: Any) -> Any:
 
 
 def optimizer(tx: optax.GradientTransformation, params: Any, *,
-              lora_plus_ratio: float | None = None) -> optax.GradientTransformation:
+              lora_plus_ratio: float | None = None,
+              adapter: str | Sequence[str] | None = None) -> optax.GradientTransformation:
     """``optax.partition`` of ``tx`` over the adapters; frozen leaves get zero updates and
     keep no optimizer state.
 
@@ -107,6 +117,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any, *,
       params: the adapted tree (checked to hold adapters).
       lora_plus_ratio: LoRA+ (Hayou et al. 2024): B's updates are scaled by this ratio,
         i.e. B's learning rate is ``ratio * lr`` (A and B then keep separate optimizer state).
+      adapter: train only this adapter (or these): the others are frozen like the base, keep
+        no optimizer state and stay bit-identical. All adapters by default.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -122,6 +134,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any, *,
       (0.0, -0.001)
     """
     P.require_adapters(P.params_of(params), "optimizer")
+    P.require_names(P.params_of(params), adapter, "optimizer")
     transforms = {TRAINABLE: tx, FROZEN: optax.set_to_zero()}
     if lora_plus_ratio is not None:
         if isinstance(lora_plus_ratio, bool) or not isinstance(lora_plus_ratio, int | float) \
@@ -130,7 +143,8 @@ def optimizer(tx: optax.GradientTransformation, params: Any, *,
                               "(the LoRA+ paper uses 16).")
         transforms[TRAINABLE_B] = optax.chain(tx, optax.scale(float(lora_plus_ratio)))
     return optax.partition(
-        transforms, functools.partial(labels, lora_plus=lora_plus_ratio is not None))
+        transforms, functools.partial(labels, lora_plus=lora_plus_ratio is not None,
+                                      adapter=adapter))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,12 @@ NORM_SUFFIX = "_lora_norm"
 SAVED_SUFFIX = "_lora_saved"
 ORIGINAL_SUFFIX = "_lora_original"  # replaces SAVED_SUFFIX once the copy is folded in
 LORA_MARK = "_lora_"
+# Named adapters: the adapter "default" uses the names above; another adapter ``name`` appends
+# ``@name`` to each of its leaves (``kernel_lora_a@math``), so a leaf parses back to
+# (param, adapter name, role) without ambiguity.
+NAME_SEP = "@"
+DEFAULT_ADAPTER = "default"
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 TRAINABLE_SUFFIXES = (A_SUFFIX, B_SUFFIX, MAGNITUDE_SUFFIX, SAVED_SUFFIX)
 
 # Params that LoRA can adapt: linen's Dense/DenseGeneral/Einsum/Conv ``kernel`` and Embed's
@@ -109,12 +115,117 @@ def is_adapter_name(name: str) -> bool:
 
 
 def is_trainable_name(name: str) -> bool:
-    """True for the leaves LoRA trains (A and B, DoRA's magnitude, trainable copies)."""
-    return name.endswith(TRAINABLE_SUFFIXES)
+    """True for the leaves LoRA trains (A and B, DoRA's magnitude, trainable copies), of any
+    adapter name."""
+    return is_adapter_name(name) and parse_leaf(name)[0].endswith(TRAINABLE_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- adapter names
+
+
+def check_name(name: Any, what: str) -> str:
+    """``name`` if it is a valid adapter name, else :class:`~jlora.errors.ConfigError`.
+
+    Example:
+      >>> check_name("math", "inject")
+      'math'
+    """
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        from jlora.errors import ConfigError
+
+        raise ConfigError(f"{what}: adapter name {name!r} must be a non-empty string of "
+                          "letters, digits, '_' and '-' (it names leaves and PEFT subfolders), "
+                          "e.g. 'default' or 'math'.")
+    return name
+
+
+def named(stem: str, name: str) -> str:
+    """The leaf name of role ``stem`` (``'kernel_lora_a'``) for adapter ``name``.
+
+    Example:
+      >>> named("kernel_lora_a", "default"), named("kernel_lora_a", "math")
+      ('kernel_lora_a', 'kernel_lora_a@math')
+    """
+    return stem if name == DEFAULT_ADAPTER else f"{stem}{NAME_SEP}{name}"
+
+
+def parse_leaf(leaf: str) -> tuple[str, str]:
+    """``(stem, adapter name)`` of an adapter leaf name: the inverse of :func:`named`.
+
+    Example:
+      >>> parse_leaf("kernel_lora_b@math"), parse_leaf("kernel_lora_b")
+      (('kernel_lora_b', 'math'), ('kernel_lora_b', 'default'))
+    """
+    stem, sep, name = leaf.partition(NAME_SEP)
+    return stem, (name if sep else DEFAULT_ADAPTER)
+
+
+def views(leaves: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """One module's leaves seen by each adapter: ``{name: leaves}``, where each holds the
+    module's own params plus that adapter's leaves under their default names.
+
+    Example:
+      >>> v = views({"kernel": 0, "kernel_lora_a": 1, "kernel_lora_a@math": 2})
+      >>> v["math"]
+      {'kernel': 0, 'kernel_lora_a': 2}
+    """
+    own = {k: v for k, v in leaves.items() if not is_adapter_name(k)}
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in leaves.items():
+        if is_adapter_name(k):
+            stem, name = parse_leaf(k)
+            out.setdefault(name, dict(own))[stem] = v
+    return dict(sorted(out.items(), key=lambda kv: _name_order(kv[0])))
+
+
+def unview(leaves: Mapping[str, Any], name: str, view: Mapping[str, Any]) -> dict[str, Any]:
+    """Writes a (changed) view of adapter ``name`` back into a module's leaves: its adapter
+    leaves are replaced by the view's, and the module's params take the view's values."""
+    out = {k: v for k, v in leaves.items()
+           if not (is_adapter_name(k) and parse_leaf(k)[1] == name)}
+    for k, v in view.items():
+        out[named(k, name) if is_adapter_name(k) else k] = v
+    return out
+
+
+def require_names(tree: Any, adapter: str | Sequence[str] | None, what: str
+                  ) -> tuple[str, ...] | None:
+    """The adapter names ``adapter`` selects (None: all), each checked to be in the tree;
+    :class:`~jlora.errors.AdapterNameError` lists the tree's names otherwise."""
+    if adapter is None:
+        return None
+    wanted = (adapter,) if isinstance(adapter, str) else tuple(adapter)
+    have = adapter_names(tree)
+    for name in wanted:
+        if not isinstance(name, str) or name not in have:
+            from jlora.errors import AdapterNameError
+
+            raise AdapterNameError(f"{what}: no adapter named {name!r} in this tree; its "
+                                   f"adapters are {', '.join(map(repr, have)) or 'none'}.")
+    return wanted
+
+
+def _name_order(name: str) -> tuple[bool, str]:
+    return (name != DEFAULT_ADAPTER, name)
+
+
+def adapter_names(tree: Any) -> tuple[str, ...]:
+    """The names of the adapters in a tree: ``'default'`` first, then the others sorted.
+
+    This order is what a mixed batch's indices refer to (``jlora.lora(fn, adapter=ids)``).
+
+    Example:
+      >>> adapter_names({"q": {"kernel": 0, "kernel_lora_a@math": 1, "kernel_lora_a": 2}})
+      ('default', 'math')
+    """
+    names = {parse_leaf(path.rsplit(".", 1)[-1])[1]
+             for path, _ in leaves_with_paths(params_of(tree))
+             if is_adapter_name(path.rsplit(".", 1)[-1])}
+    return tuple(sorted(names, key=_name_order))
 
 
 class Adapter(NamedTuple):
-    """What :func:`check_adapters` found beside one param.
+    """What :func:`check_adapters` found beside one param, for one adapter name.
 
     Attributes:
       kind: ``'lora'`` (A, B, scale), ``'dora'`` (plus a magnitude) or ``'copy'`` (a trainable
@@ -231,8 +342,9 @@ def check_adapters(tree: Any, what: str) -> dict[tuple[str, str], Adapter]:
       what: the caller's name, for the message.
 
     Returns:
-      ``{(module path, param): Adapter(kind, merged)}`` for every adapter (empty when there
-      are none).
+      ``{(module path, param, adapter name): Adapter(kind, merged)}`` for every adapter
+      (empty when there are none). Leaves of a named adapter end in ``@<name>``; each name
+      is checked on its own.
 
     Raises:
       IncompleteAdapterError: an adapter misses a leaf, or its param is missing.
@@ -243,7 +355,7 @@ def check_adapters(tree: Any, what: str) -> dict[tuple[str, str], Adapter]:
       >>> q = {"kernel": jnp.ones((4, 6)), "kernel_lora_a": jnp.ones((4, 2)),
       ...      "kernel_lora_b": jnp.zeros((2, 6)), "kernel_lora_scale": jnp.float32(1)}
       >>> check_adapters({"q": q}, "demo")
-      {('q', 'kernel'): Adapter(kind='lora', merged=False)}
+      {('q', 'kernel', 'default'): Adapter(kind='lora', merged=False)}
       >>> del q["kernel_lora_b"]
       >>> check_adapters({"q": q}, "demo")
       Traceback (most recent call last):
@@ -259,18 +371,27 @@ def check_adapters(tree: Any, what: str) -> dict[tuple[str, str], Adapter]:
     found: dict[tuple[str, str], Adapter] = {}
     broken: list[str] = []
     unfit: list[str] = []
-    for module, leaves in modules.items():
-        params = {name[: -len(r)] for name in leaves for r in _ROLES
-                  if name.endswith(r) and len(name) > len(r)}
-        for param in sorted(params):
-            where = f"{module}.{param}" if module else param
-            why_not, adapter = _whole(param, leaves)
-            if why_not is not None:
-                broken.append(f"the adapter of {where} is not whole: {why_not}")
-            elif (why := _unfit(param, leaves)) is not None:
-                unfit.append(f"the adapter of {where} does not fit: {why}")
-            else:
-                found[(module, param)] = adapter
+    for module, all_leaves in modules.items():
+        for name, leaves in views(all_leaves).items():
+            params = {leaf[: -len(r)] for leaf in leaves for r in _ROLES
+                      if leaf.endswith(r) and len(leaf) > len(r)}
+            bad = [k for k in all_leaves if is_adapter_name(k) and parse_leaf(k)[1] == name
+                   and not any(parse_leaf(k)[0] == p + r for p in params for r in _ROLES)]
+            if bad:
+                where = f"{module}." if module else ""
+                broken.append(f"{where}{bad[0]} is not a leaf jlora knows (an adapter leaf is "
+                              f"<param><role>{NAME_SEP}<name>, roles {', '.join(_ROLES)})")
+            for param in sorted(params):
+                where = f"{module}.{param}" if module else param
+                if name != DEFAULT_ADAPTER:
+                    where += f" (adapter {name!r})"
+                why_not, adapter = _whole(param, leaves)
+                if why_not is not None:
+                    broken.append(f"the adapter of {where} is not whole: {why_not}")
+                elif (why := _unfit(param, leaves)) is not None:
+                    unfit.append(f"the adapter of {where} does not fit: {why}")
+                else:
+                    found[(module, param, name)] = adapter
     if broken or unfit:
         from jlora.errors import IncompleteAdapterError, ShapeError
 

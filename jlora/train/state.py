@@ -80,7 +80,8 @@ def _opt_shardings(tx: optax.GradientTransformation, trainable: Any, param_sh: A
 def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
          mesh: Mesh | None = None, rules: Sequence[M.Rule] = M.DEFAULT_RULES,
          precision: Precision | None = None,
-         train: str = "adapters") -> tuple[TrainState, Any, Shardings]:
+         train: str = "adapters", adapter: str | Sequence[str] | None = None
+         ) -> tuple[TrainState, Any, Shardings]:
     """Splits an adapted tree, lays it out over a mesh and builds the initial state.
 
     With ``train="all"`` (full fine-tuning, the baseline LoRA is measured against) a plain
@@ -102,6 +103,8 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
       precision: :class:`Precision` (default all float32).
       train: ``"adapters"`` (LoRA: the A/B leaves of :func:`jlora.split`) or ``"all"``
         (full fine-tuning of a tree without adapters).
+      adapter: with ``train="adapters"``, train only this named adapter (or these); the
+        others join the frozen half, unchanged. All adapters by default.
 
     Returns:
       ``(state, frozen, shardings)``: the :class:`TrainState`, the frozen half (cast and
@@ -131,8 +134,8 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
         frozen = frozen_sh = jax.tree.map(lambda _: None, params)
     elif train == "adapters":
         P.require_adapters(P.params_of(params), "jlora.train.init")
-        trainable, frozen = split(params)
-        param_sh, frozen_sh = split(shardings)
+        trainable, frozen = split(params, adapter=adapter)
+        param_sh, frozen_sh = split(shardings, adapter=adapter)
     else:
         raise ConfigError(f"train={train!r}: choose 'adapters' (LoRA) or 'all' (full "
                           "fine-tuning).")

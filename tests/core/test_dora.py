@@ -183,7 +183,7 @@ def test_dora_leaves_are_checked_for_wholeness():
     with pytest.raises(ShapeError, match=r"kernel_lora_magnitude has shape \(8,\), not B's "
                                          r"output shape \(2, 4\)"):
         jlora.merge(p)
-    assert P.check_adapters(_params()[1]["params"], "t")[("d", "kernel")] == P.Adapter("dora",
+    assert P.check_adapters(_params()[1]["params"], "t")[("d", "kernel", "default")] == P.Adapter("dora",
                                                                                         False)
 
 

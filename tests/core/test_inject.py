@@ -202,7 +202,7 @@ def test_error_rank_pattern_larger_than_kernel():
 
 def test_error_second_inject():
     p = jlora.inject(tree(), LoraConfig(rank=2, targets=["q_proj"]), KEY)
-    with pytest.raises(AlreadyInjectedError, match="already holds adapters"):
+    with pytest.raises(AlreadyInjectedError, match="already holds an adapter named .default."):
         jlora.inject(p, LoraConfig(rank=2, targets=["v_proj"]), KEY)
 
 

@@ -183,8 +183,8 @@ def test_merged_trees_and_split_halves_are_whole():
     p = _params()
     merged = _params(merged=True)
     assert P.check_adapters(P.params_of(merged), "t") == {
-        ("body", "kernel"): P.Adapter("lora", True),
-        ("head", "kernel"): P.Adapter("lora", True),
+        ("body", "kernel", "default"): P.Adapter("lora", True),
+        ("head", "kernel", "default"): P.Adapter("lora", True),
     }
     y = jlora.lora(MODEL.apply)(p, X)
     np.testing.assert_allclose(jlora.lora(MODEL.apply)(merged, X), y, atol=1e-5)
@@ -195,8 +195,8 @@ def test_merged_trees_and_split_halves_are_whole():
     assert jax.tree.structure(back) == jax.tree.structure(p)
     # a hole where B should be still fits A's rank check only against what is there
     assert P.check_adapters(P.params_of(trainable), "t") == {
-        ("body", "kernel"): P.Adapter("lora", False),
-        ("head", "kernel"): P.Adapter("lora", False),
+        ("body", "kernel", "default"): P.Adapter("lora", False),
+        ("head", "kernel", "default"): P.Adapter("lora", False),
     }
 
 
