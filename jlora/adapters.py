@@ -5,7 +5,7 @@ A tree holds any number of adapters. The adapter ``'default'`` uses the plain le
 (``kernel_lora_a``); another adapter ``name`` suffixes each of its leaves with ``@name``
 (``kernel_lora_a@math``). :func:`jlora.inject` adds one (``name=``); :func:`jlora.lora` runs
 all, some (``adapter=``), none (``adapter=None``) or one per example (``adapter=ids``).
-Weighted combinations are in :mod:`jlora.combine`.
+Weighted combinations: :func:`jlora.add_weighted_adapter` (:mod:`jlora.weighted`).
 """
 
 from __future__ import annotations
@@ -87,3 +87,49 @@ def delete_adapter(params: Any, name: str) -> Any:
     tree = P.params_of(params)
     (name,) = P.require_names(tree, (name,), "delete_adapter")
     return P.with_params(params, _drop(tree, {name}))
+
+
+def rename(params: Any, old: str, new: str) -> Any:
+    """The tree with adapter ``old``'s leaves renamed to adapter ``new`` (how the PEFT
+    exporter and importer move a named adapter to and from the ``'default'`` leaf names).
+
+    Example:
+      >>> rename({"q": {"kernel": 0, "kernel_lora_a@math": 1}}, "math", "default")
+      {'q': {'kernel': 0, 'kernel_lora_a': 1}}
+    """
+    tree = P.params_of(params)
+    P.require_names(tree, old, "rename")
+    if new != old and new in P.adapter_names(tree):
+        from jlora.errors import AlreadyInjectedError
+
+        raise AlreadyInjectedError(f"rename: this tree already holds an adapter named {new!r}.")
+
+    def fn(_, leaves):
+        out = {}
+        for k, v in leaves.items():
+            if P.is_adapter_name(k) and P.parse_leaf(k)[1] == old:
+                k = P.named(P.parse_leaf(k)[0], new)
+            out[k] = v
+        return out
+
+    return P.with_params(params, P.map_modules(tree, fn))
+
+
+def graft(params: Any, adapted: Any, name: str) -> Any:
+    """``params`` plus the ``'default'`` adapter of ``adapted`` (the same model with one
+    adapter, e.g. what :func:`jlora.hf.load_peft` built on the bare base) as adapter ``name``.
+    The model's own params are taken from ``adapted`` (PiSSA/OLoRA rewrite kernels)."""
+    moved = P.params_of(rename(adapted, P.DEFAULT_ADAPTER, name) if name != P.DEFAULT_ADAPTER
+                        else adapted)
+    new: dict[str, dict[str, Any]] = {}
+    for path, leaf in P.leaves_with_paths(moved):
+        module, k = P.split_path(path)
+        new.setdefault(module, {})[k] = leaf
+
+    def fn(module, leaves):
+        mine = new.get(module, {})
+        out = {k: mine.get(k, v) if not P.is_adapter_name(k) else v for k, v in leaves.items()}
+        out.update({k: v for k, v in mine.items() if P.is_adapter_name(k)})
+        return out
+
+    return P.with_params(params, P.map_modules(P.params_of(params), fn))

@@ -169,12 +169,21 @@ def _foreign_checkpoint(directory: Path) -> list[str]:
     return [] if not weights or _merged_mark(directory, weights) else weights
 
 
+def _peft_dir(d: Path) -> bool:
+    """A PEFT adapter directory: it holds the default adapter's config, or only named
+    adapters' subfolders (PEFT's layout: ``<dir>/<name>/adapter_config.json``)."""
+    if (d / CONFIG_FILE).is_file():
+        return True
+    names = _names(d)
+    return bool(names) and all((d / n / CONFIG_FILE).is_file() for n in names)
+
+
 PEFT_ADAPTER = OutputKind(
     name="PEFT adapter",
     saver="save_peft",
     key=CONFIG_FILE,
     files=re.compile("|".join(map(re.escape, (CONFIG_FILE, WEIGHTS_FILE)))),
-    is_output=lambda d: (d / CONFIG_FILE).is_file(),
+    is_output=lambda d: _peft_dir(d),
     suggestion="adapter",
     listing=f"{CONFIG_FILE} and {WEIGHTS_FILE}",
 )

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from jlora import adapters as adapters_mod
 from jlora import paths as P
 from jlora.config import LoraConfig
 from jlora.errors import ConfigError, HFError, TargetError
@@ -102,6 +103,7 @@ def save_peft(
     model_type: str | None = None,
     hf_config: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    name: str = P.DEFAULT_ADAPTER,
 ) -> Path:
     """Writes the adapters of ``params`` as a PEFT LoRA adapter directory.
 
@@ -155,6 +157,11 @@ def save_peft(
     Returns:
       The directory written.
 
+    Named adapters (PEFT's layout): ``name='default'`` writes to ``path``, another name to
+    ``path/<name>``, with only that adapter's tensors and ``config``; the other adapters'
+    files under ``path`` stay in place. ``PeftModel.load_adapter(path/<name>,
+    adapter_name=name)`` reads it, and :func:`load_peft` with ``name=`` reads it back.
+
     Raises:
       OutputPathError: ``path`` is refused (the message says why and what to do instead).
       HFError: an argument of the wrong type, no adapters, an adapter PEFT cannot represent
@@ -180,9 +187,18 @@ def save_peft(
     if not isinstance(config, LoraConfig):
         raise ConfigError(f"config must be a jlora.LoraConfig, got {type(config).__name__}.")
     base = _check_args(base_model_name_or_path, task_type, model_type, hf_config)
-    check_target(path, PEFT_ADAPTER, overwrite=overwrite, base=base)
     tree = P.params_of(params)
     P.check_adapters(tree, "save_peft")
+    P.check_name(name, "save_peft")
+    names = P.adapter_names(tree)
+    if names:
+        P.require_names(tree, name, "save_peft")
+    if names and names != (P.DEFAULT_ADAPTER,):  # one adapter's file: the others stay out
+        tree = P.params_of(adapters_mod.rename(adapters_mod.select(tree, name), name,
+                                               P.DEFAULT_ADAPTER))
+    if name != P.DEFAULT_ADAPTER:
+        path = Path(path) / name
+    check_target(path, PEFT_ADAPTER, overwrite=overwrite, base=base)
     adapters, copies = _adapters(tree)
     if not adapters:
         raise HFError("save_peft: this tree holds no LoRA adapters (a tree merged with "

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import adapters
 from jlora import paths as P
 from jlora.config import LoraConfig
-from jlora.errors import HFError, ShapeError, TargetError
+from jlora.errors import AlreadyInjectedError, HFError, ShapeError, TargetError
 from jlora.hf.io import TensorInfo, read_header, read_tensor
 from jlora.hf.load import check_dtype, check_path
 from jlora.hf.output import settle
@@ -91,7 +92,7 @@ class _Expected:
 
 def load_peft(
     params: Any, path: str | os.PathLike, *, dtype: Any = None,
-    hf_config: Mapping[str, Any] | None = None,
+    hf_config: Mapping[str, Any] | None = None, name: str = P.DEFAULT_ADAPTER,
 ) -> tuple[Any, LoraConfig]:
     """Loads a PEFT LoRA adapter directory onto base params.
 
@@ -120,6 +121,11 @@ def load_peft(
         config.json of the adapter's ``base_model_name_or_path`` when that is a local
         directory. Needed only for copies of kernels (``modules_to_save`` of a linear
         layer): without a model type those are an HFError, never a guess.
+      name: the adapter's name in the tree (PEFT's ``adapter_name``). Another name than
+        ``'default'`` reads ``path/<name>`` when that folder holds an adapter (PEFT's layout:
+        the default adapter at the root, the others in subfolders named after them), else
+        ``path`` itself (as ``PeftModel.load_adapter(path, adapter_name=name)``). The adapter
+        is added beside those ``params`` already holds.
 
     Returns:
       ``(params_with_adapters, config)``: the same kind of tree as ``params`` and the
@@ -146,6 +152,9 @@ def load_peft(
       ((2, 6), 2)
     """
     path = check_path(path)
+    P.check_name(name, "load_peft")
+    if P.adapter_names(params) or name != P.DEFAULT_ADAPTER:
+        return _load_beside(params, path, dtype, hf_config, name)
     dtype = check_dtype(dtype)
     if hf_config is not None and not isinstance(hf_config, Mapping):
         raise HFError("load_peft: hf_config must be the config.json dict (jlora.hf.load's "
@@ -155,11 +164,6 @@ def load_peft(
     leaves = module_leaves(tree)
     ac = _read_adapter_config(path, leaves)
     index = read_header(path / WEIGHTS_FILE)
-    adapted = sorted(p for p, _ in P.leaves_with_paths(tree) if P.is_adapter_name(p))
-    if adapted:
-        raise HFError(f"load_peft needs base params, but this tree holds adapters already "
-                      f"({adapted[0]}, ...); pass the base tree, or jlora.merge(params, "
-                      "unload=True) first.")
     found = _map_names(index, ac.tie)
     expected = _expect(params, path, ac, leaves, found, hf_config)
     tied_with = (check_tied_head(path, found.head, ac.head_patterns, expected.entries,
@@ -170,6 +174,30 @@ def load_peft(
         check_tied_values(found.head, expected.entries[tied_with],
                            module_leaves(P.params_of(out))[tied_with])
     return out, ac.config
+
+
+def _load_beside(params: Any, path: Path, dtype: Any, hf_config: Any, name: str
+                 ) -> tuple[Any, LoraConfig]:
+    """load_peft under a name, or onto a tree that holds adapters already: the adapter is
+    read onto the bare base and grafted in under ``name``."""
+    tree = P.params_of(params)
+    names = P.adapter_names(tree)
+    if name in names:
+        raise AlreadyInjectedError(
+            f"load_peft: this tree already holds an adapter named {name!r} (its adapters: "
+            f"{', '.join(map(repr, names))}); pass name='...' to load it beside them, or "
+            f"remove it with jlora.delete_adapter(params, {name!r}).")
+    merged = sorted({f"{m}.{p}" if m else p for (m, p, _), ad in
+                     P.check_adapters(tree, "load_peft").items() if ad.merged})
+    if merged:
+        raise HFError(f"load_peft: adapters are merged into this tree's params "
+                      f"({listed(merged)}), so its kernels are not the base model's; "
+                      "jlora.unmerge(params) first.")
+    if name != P.DEFAULT_ADAPTER and (path / name / CONFIG_FILE).is_file():
+        path = path / name
+    base = adapters.select(params, None) if names else params
+    one, config = load_peft(base, path, dtype=dtype, hf_config=hf_config)
+    return adapters.graft(params, one, name), config
 
 
 # ----------------------------------------------------------------------------- 1. config

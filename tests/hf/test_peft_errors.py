@@ -16,7 +16,14 @@ from _peft_edit import edit_config, edit_tensors
 
 import jlora
 import jlora.hf.peft as hp
-from jlora.errors import ConfigError, HFError, JloraError, ShapeError, TargetError
+from jlora.errors import (
+    AlreadyInjectedError,
+    ConfigError,
+    HFError,
+    JloraError,
+    ShapeError,
+    TargetError,
+)
 from jlora.hf.peft import load_peft, save_peft
 
 
@@ -155,9 +162,15 @@ def test_not_an_adapter_directory(adapter, what):
 
 
 def test_load_onto_adapted_tree(adapter):
+    """A second adapter loads beside the first only under another name, and never onto
+    kernels that hold a merged adapter."""
     _, params, path = adapter
-    with pytest.raises(HFError, match="base params"):
+    with pytest.raises(AlreadyInjectedError, match="already holds an adapter named 'default'"):
         load_peft(params, path)
+    with pytest.raises(HFError, match=r"merged into this tree's params .*jlora.unmerge"):
+        load_peft(jlora.merge(params), path, name="second")
+    with pytest.raises(ConfigError, match="adapter name"):
+        load_peft(params, path, name="a/b")
 
 
 def test_peft_base_embedding_replaces_the_base(adapter):
