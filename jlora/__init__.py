@@ -18,6 +18,7 @@ from jlora.inject import Plan, PlanEntry, inject, plan
 from jlora.layout import LayerInfo, Layout, layout
 from jlora.merge import delta, merge, unmerge
 from jlora.optim import Summary, combine, labels, optimizer, split, summary
+from jlora.weighted import add_weighted_adapter
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "PlanEntry",
     "Summary",
     "adapter_names",
+    "add_weighted_adapter",
     "combine",
     "delete_adapter",
     "delta",
