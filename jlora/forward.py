@@ -343,7 +343,7 @@ def _read_copies(tree: Any) -> Any:
     return P.map_modules(tree, fn)
 
 
-_EVERY = object()  # lora(fn)'s default: every adapter in the tree runs
+ALL_ADAPTERS = object()  # lora(fn)'s default: every adapter in the tree runs
 
 
 def _routes(adapter: Any, tree: Any) -> tuple[jax.Array, tuple[str, ...]]:
@@ -366,7 +366,7 @@ def _routes(adapter: Any, tree: Any) -> tuple[jax.Array, tuple[str, ...]]:
 
 
 def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
-         mode: str = "intercept", adapter: Any = _EVERY) -> Callable:
+         mode: str = "intercept", adapter: Any = ALL_ADAPTERS) -> Callable:
     """Wraps ``fn(variables, *args, **kwargs)`` (e.g. ``model.apply``) to run the adapters.
 
     Args:
@@ -417,7 +417,7 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
         # once per trace under jit: Python over the tree's paths
         adapters = P.check_adapters(P.params_of(variables), "lora")
         routes = None
-        if adapters and adapter is not _EVERY:
+        if adapters and adapter is not ALL_ADAPTERS:
             if adapter is None or isinstance(adapter, str) or (
                     isinstance(adapter, tuple | list) and all(isinstance(a, str) for a in adapter)):
                 variables = select(variables, adapter)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jlora import paths as P
-from jlora.forward import lora
+from jlora.forward import ALL_ADAPTERS, lora
 from jlora.train.cross_entropy import linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -35,7 +35,7 @@ def _head_adapted(apply_fn: Callable, params: Any) -> bool:
 
 
 def causal_lm_loss(apply_fn: Callable, *, dropout: float = 0.0, chunk_size: int | None = 2048,
-                   **apply_kwargs: Any) -> LossFn:
+                   adapter: Any = ALL_ADAPTERS, **apply_kwargs: Any) -> LossFn:
     """A ``loss_fn(params, batch, rng) -> (loss, aux)`` for a decoder LM.
 
     Runs ``jlora.lora(apply_fn)`` on ``batch['input_ids']`` (with ``attention_mask`` when the
@@ -59,6 +59,10 @@ def causal_lm_loss(apply_fn: Callable, *, dropout: float = 0.0, chunk_size: int 
       dropout: the adapters' dropout (``config.dropout``); active when the step passes a rng.
       chunk_size: tokens per chunk of the head + cross-entropy (``None``: the whole batch at
         once, through the model's logits).
+      adapter: the adapters that run (:func:`jlora.lora`'s ``adapter``: a name, several, or
+        ``None``); every adapter in the tree by default. A batch with ``'adapter_ids'`` (int,
+        one per example, indexing :func:`jlora.adapter_names`, −1 for none) is a mixed
+        batch: each example runs (and trains) its own adapter.
       **apply_kwargs: extra keyword arguments for ``apply_fn``.
 
     Example:
@@ -73,11 +77,13 @@ def causal_lm_loss(apply_fn: Callable, *, dropout: float = 0.0, chunk_size: int 
       >>> int(aux["tokens"])
       3
     """
-    forward = lora(apply_fn, dropout=dropout)
+    forward = lora(apply_fn, dropout=dropout, adapter=adapter)
     chunked = chunk_size is not None and _has_head_method(apply_fn)
 
     def loss_fn(params: Any, batch: Any, rng: jax.Array | None):
         ids = batch["input_ids"]
+        fwd = forward if "adapter_ids" not in batch else lora(
+            apply_fn, dropout=dropout, adapter=batch["adapter_ids"])
         kwargs = dict(apply_kwargs)
         if "attention_mask" in batch:
             kwargs["attention_mask"] = batch["attention_mask"]
@@ -95,10 +101,10 @@ def causal_lm_loss(apply_fn: Callable, *, dropout: float = 0.0, chunk_size: int 
                                   axis=1)
         tokens = weights.sum()
         if chunked and not _head_adapted(apply_fn, params):
-            h, head = forward(params, ids, method="hidden_and_head", **kwargs)
+            h, head = fwd(params, ids, method="hidden_and_head", **kwargs)
             total = linear_cross_entropy(h, head, targets, weights, chunk_size)
         else:
-            logits = forward(params, ids, **kwargs)
+            logits = fwd(params, ids, **kwargs)
             ce = optax.softmax_cross_entropy_with_integer_labels(
                 logits.astype(jnp.float32), targets)
             total = (ce * weights).sum()

@@ -206,6 +206,7 @@ def param_specs(params: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) 
         if not P.is_adapter_name(name):
             return _rule_spec(path, shape, compiled, mesh)
         base = P.base_name(name)
+        name = P.parse_leaf(name)[0]  # its role, whatever the adapter's name
         kpath = f"{module}.{base}" if module else base
         kshape = shapes.get(kpath)
         if kshape is None or name.endswith((P.SCALE_SUFFIX, P.MERGED_SUFFIX)):
