@@ -135,3 +135,24 @@ def test_named_save_errors(base, tmp_path):
     q, _ = load_peft(params, tmp_path / "a", name="math")
     with pytest.raises(AlreadyInjectedError, match="already holds an adapter named 'math'"):
         load_peft(q, tmp_path / "a", name="math")
+
+
+def test_several_active_dora_adapters_add_up_as_peft(base, tmp_path):
+    """With DoRA among the active adapters, each adds to what the previous ones gave (PEFT
+    rescales the running output, not the base's): jlora follows the same order."""
+    model = peft.get_peft_model(_torch(base), peft.LoraConfig(**CFG_A,
+                                                             init_lora_weights=False))
+    model.add_adapter("math", peft.LoraConfig(**CFG_B, use_dora=True, init_lora_weights=False))
+    with torch.no_grad():  # a magnitude away from the weight norm: DoRA's rescale is not 1
+        for mod in model.modules():
+            if isinstance(mod, peft.tuners.lora.LoraLayer) and "math" in mod.lora_A:
+                mod.lora_magnitude_vector["math"].weight.mul_(1.3)
+    model.save_pretrained(tmp_path)
+    jmodel, params, _ = load(base)
+    p, _ = load_peft(params, tmp_path)
+    p, _ = load_peft(p, tmp_path, name="math")
+    for adapter in SELECTIONS:
+        sel = tuple(adapter) if isinstance(adapter, list) else adapter
+        got = np.asarray(jlora.lora(jmodel.apply, adapter=sel)(p, IDS))
+        np.testing.assert_allclose(got, _peft_set(model, adapter), atol=ATOL,
+                                   err_msg=str(adapter))
