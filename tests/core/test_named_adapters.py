@@ -279,3 +279,30 @@ def test_mixed_batch_refuses_dora_and_merged_adapters():
     with pytest.raises(LayoutError, match="unmerged LoRA adapters only"):
         jlora.lora(MODEL.apply, adapter=jnp.array([0, 1, 0, 1]))(jlora.merge(P2, adapter="math"),
                                                                  IDS)
+
+
+def test_mixed_batch_in_a_scanned_llama_equals_the_unscanned():
+    """jlora's Llama with ``scan_layers`` runs one traced block over stacked params: named
+    adapters stack with them, and the per-example routing runs inside the scan."""
+    from jlora.models.llama import DecoderConfig, LlamaForCausalLM
+
+    d = 8
+    cfg = DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=48,
+                        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=d, rms_norm_eps=1e-6,
+                        rope_inv_freq=tuple(10000.0 ** (-i / d) for i in range(0, d, 2)))
+    ids = jax.random.randint(jax.random.key(4), (3, 9), 0, 50)
+    plain, scanned = LlamaForCausalLM(cfg), LlamaForCausalLM(cfg, scan_layers=True)
+    p = plain.init(jax.random.key(0), ids)
+    p = jlora.inject(p, LoraConfig(rank=4, targets=["q_proj", "up_proj"], init="random"),
+                     jax.random.key(1))
+    p = jlora.inject(p, LoraConfig(rank=2, targets=["v_proj", "up_proj", "embed_tokens"],
+                                   init="random"), jax.random.key(2), name="b")
+    p = _perturb(p, jax.random.key(3))
+    route = jnp.array([1, -1, 0])
+    y = jlora.lora(plain.apply, adapter=route, on_unconsumed="raise")(p, ids)
+    np.testing.assert_allclose(
+        jlora.lora(scanned.apply, adapter=route, on_unconsumed="raise")(p, ids), y, atol=1e-5)
+    for i, a in enumerate(route.tolist()):
+        one = jlora.lora(plain.apply, adapter=None if a < 0 else ("default", "b")[a])(p, ids)
+        np.testing.assert_allclose(y[i], one[i], atol=1e-5)
