@@ -51,6 +51,11 @@ def _labels(params: Any, *, lora_plus: bool, what: str) -> Any:
         return TRAINABLE if P.is_trainable_name(name) else FROZEN
 
     P.check_adapters(P.params_of(params), what)
+    if P.is_nnx_state(params):  # Flax NNX: a State of labels (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        return nnx_tree.labels(params, _labels(nnx_tree.to_pure(params), lora_plus=lora_plus,
+                                               what=what))
     if P.is_variables(params):
         out = {k: _leaf_labels(v, lambda _: FROZEN) for k, v in params.items() if k != "params"}
         out["params"] = _leaf_labels(params["params"], label)
@@ -74,6 +79,10 @@ def split(params: Any) -> tuple[Any, Any]:
       True
     """
     lab = _labels(params, lora_plus=False, what="split")
+    if P.is_nnx_state(params):  # Flax NNX: two disjoint States (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        return nnx_tree.split(params, lab)
     pick = lambda want: jax.tree.map(  # noqa: E731
         lambda lb, x: x if (lb != FROZEN) == want else None, lab, params)
     return pick(True), pick(False)
@@ -87,8 +96,13 @@ def combine(trainable: Any, frozen: Any) -> Any:
       >>> combine(t, f)
       {'a': 1.0, 'b': 2.0}
     """
-    out = jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
-                       is_leaf=lambda x: x is None or P.is_box(x))
+    if P.is_nnx_state(trainable) and P.is_nnx_state(frozen):  # Flax NNX (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        out = nnx_tree.combine(trainable, frozen)
+    else:
+        out = jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                           is_leaf=lambda x: x is None or P.is_box(x))
     P.check_adapters(P.params_of(out), "combine")
     return out
 

@@ -64,18 +64,33 @@ def keypath_to_path(keypath: Sequence[Any]) -> str:
     return ".".join(_key_str(k) for k in keypath)
 
 
+def is_nnx_state(tree: Any) -> bool:
+    """An ``flax.nnx.State`` (checked by name: no nnx import for linen users)."""
+    return any(c.__name__ == "State" and c.__module__.startswith("flax.nnx")
+               for c in type(tree).__mro__)
+
+
 def is_variables(tree: Any) -> bool:
     """True for what ``model.init`` returns (a dict holding a ``'params'`` collection)."""
-    return isinstance(tree, Mapping) and "params" in tree and isinstance(tree["params"], Mapping)
+    return (isinstance(tree, Mapping) and not is_nnx_state(tree) and "params" in tree
+            and isinstance(tree["params"], Mapping))
 
 
 def params_of(tree: Any) -> Any:
     """The params collection of a variables dict, or the tree itself when it is bare."""
+    if is_nnx_state(tree):  # Flax NNX: the State's nnx.Param values (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        return nnx_tree.params_of(tree)
     return tree["params"] if is_variables(tree) else tree
 
 
 def with_params(tree: Any, params: Any) -> Any:
     """Puts ``params`` back where :func:`params_of` took it from (same kind of tree)."""
+    if is_nnx_state(tree):  # Flax NNX: back into the State's Variables (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        return nnx_tree.with_params(tree, params)
     if is_variables(tree):
         out = dict(tree)
         out["params"] = params

@@ -82,7 +82,10 @@ def causal_lm_loss(apply_fn: Callable, *, dropout: float = 0.0, chunk_size: int 
         if "attention_mask" in batch:
             kwargs["attention_mask"] = batch["attention_mask"]
         if rng is not None and dropout > 0:
-            kwargs["rngs"] = {"dropout": rng}
+            if getattr(forward, "_jlora_nnx", False):  # Flax NNX: jlora.lora(graphdef)
+                kwargs["dropout_rng"] = rng
+            else:
+                kwargs["rngs"] = {"dropout": rng}
         labels = batch.get("labels", ids)
         mask = labels != IGNORE_INDEX
         for name in ("attention_mask", "loss_mask"):

@@ -192,6 +192,10 @@ def param_specs(params: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) 
       >>> s["kernel"], s["kernel_lora_a"], s["kernel_lora_b"]
       (P('fsdp', 'tensor'), P('fsdp', None), P(None, 'tensor'))
     """
+    if P.is_nnx_state(params):  # Flax NNX: a State of specs (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        return nnx_tree.like(params, param_specs(nnx_tree.to_pure(params), mesh, rules))
     compiled = check_rules(rules, mesh)
     tree = P.params_of(params)
     shapes = {path: tuple(np.shape(P.unbox(leaf))) for path, leaf in P.leaves_with_paths(tree)

@@ -123,6 +123,10 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
     check_key(key)
     mesh = mesh or M.single_device_mesh()
     precision = precision or Precision()
+    if P.is_nnx_state(params):  # Flax NNX: carried as its pure dict (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        params = nnx_tree.to_pure(params)
     params = jax.tree.map(P.unbox, params, is_leaf=P.is_box)
     shardings = M.named(mesh, M.param_specs(params, mesh, rules))
     if train == "all":

@@ -1,0 +1,256 @@
+"""lora(graphdef): run a Flax NNX model with its adapters, without forming ΔW.
+
+``forward = jlora.lora(graphdef)`` is the pure function ``forward(state, *args,
+dropout_rng=None, **kwargs)``: it builds the model with ``nnx.merge(graphdef, base)`` from
+the state's non-adapter leaves, calls it, and returns what the model returns. Every adapted
+``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv`` and ``nnx.Embed``
+(``__call__`` and ``attend``) of that fresh instance adds ``dropout(x) @ A @ B * scale`` to
+its own output: for the call only, the instance's class is a subclass whose methods look
+their adapter up in a context variable keyed by the instance (so nothing outlives the call,
+and concurrent calls or traces do not see each other's adapters). The geometry and low-rank
+math are :mod:`jlora.forward`'s, shared with the linen interceptor.
+
+As with linen, an adapter that no supported layer reads (an unsupported module, one the
+call never reaches) is merged into its kernel for that call, or raises with
+``on_unconsumed='raise'``; a DoRA adapter is merged on read (its norm needs the merged
+weight anyway; NNX's DoRA forward does not yet skip forming ``W + scale * A @ B``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.linen.dtypes import promote_dtype
+
+from jlora import forward as F
+from jlora import nnx_tree
+from jlora import paths as P
+from jlora.errors import ConfigError, KeyTypeError, NnxStateError, UnconsumedAdapterError
+from jlora.merge import fold_modules
+
+_SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
+
+
+class _Adapter(NamedTuple):
+    path: str
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+    key: jax.Array | None  # the dropout key of this layer (None: no dropout)
+    rate: float
+
+
+class _Call(NamedTuple):
+    adapters: dict[int, _Adapter]  # id(module instance) -> its adapter
+    consumed: set[str]
+
+
+_ACTIVE: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("jlora_nnx_call",
+                                                                       default=None)
+
+
+def _lookup(mod: nnx.Module) -> _Adapter | None:
+    call = _ACTIVE.get()
+    ad = None if call is None else call.adapters.get(id(mod))
+    if ad is not None:
+        call.consumed.add(ad.path)
+    return ad
+
+
+def _delta(mod: nnx.Module, args: tuple, kwargs: dict, x: jax.Array, ad: _Adapter):
+    """``scale * x @ A @ B`` in the layer's output layout (x already dropped out)."""
+    prec = mod.precision
+    x, a, b = promote_dtype(x, ad.a, ad.b, dtype=mod.dtype)
+    s, n_in, r = ad.scale, ad.a.ndim - 1, ad.a.shape[-1]
+    if isinstance(mod, nnx.Linear):
+        y = F._low_rank(x.reshape(-1, x.shape[-1]), a, b, s, prec)
+        return y.reshape(*x.shape[:-1], b.shape[-1])
+    if isinstance(mod, nnx.LinearGeneral):
+        x2d, lead = F._dense_2d(mod, x, n_in)
+        y = F._low_rank(x2d, a.reshape(-1, r), b.reshape(r, -1), s, prec)
+        return y.reshape(*lead, *b.shape[1:])
+    if isinstance(mod, nnx.Einsum):
+        xs, kin, kout, out = F._einsum_parts(mod, args, kwargs, n_in)
+        rl = F._free_letter(xs + kin + kout + out)
+        ell = "..." if "..." in xs else ""
+        t_spec = ell + "".join(c for c in xs.replace("...", "") if c in out) + rl
+        t = jnp.einsum(f"{xs},{kin}{rl}->{t_spec}", x, a, precision=prec) * s.astype(x.dtype)
+        return jnp.einsum(f"{t_spec},{rl}{kout}->{out}", t, b, precision=prec)
+    # nnx.Conv: the layer's own convolution with A as its kernel (r output features)
+    conv = nnx.Conv(mod.in_features, r, mod.kernel_size, strides=mod.strides,
+                    padding=mod.padding, input_dilation=mod.input_dilation,
+                    kernel_dilation=mod.kernel_dilation, use_bias=False, dtype=mod.dtype,
+                    param_dtype=a.dtype, precision=prec, kernel_init=lambda *_: a,
+                    rngs=nnx.Rngs(0))
+    t = conv(x) * s.astype(x.dtype)
+    y = jnp.dot(t.reshape(-1, r), b.reshape(r, -1), precision=prec)
+    return y.reshape(*t.shape[:-1], *b.shape[1:])
+
+
+def _call(self, *args, **kwargs):
+    base = type(self).__mro__[1]
+    y = base.__call__(self, *args, **kwargs)
+    ad = _lookup(self)
+    if ad is None:
+        return y
+    if isinstance(self, nnx.Embed):  # no dropout on embeddings, as PEFT
+        return y + F._embed_delta(self, "__call__", args, ad.a, ad.b, ad.scale).astype(y.dtype)
+    x = F._input(args, kwargs)
+    if ad.key is not None:
+        x = F.drop(ad.key, x, ad.rate)
+    return y + _delta(self, args, kwargs, x, ad).astype(y.dtype)
+
+
+def _attend(self, *args, **kwargs):
+    y = type(self).__mro__[1].attend(self, *args, **kwargs)
+    ad = _lookup(self)
+    if ad is None:
+        return y
+    return y + F._embed_delta(self, "attend", args, ad.a, ad.b, ad.scale).astype(y.dtype)
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _adapted_class(cls: type) -> type:
+    """One subclass per layer class (made once): ``__call__`` (and Embed's ``attend``) add the
+    adapter of the instance when the current call has one."""
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        ns = {"__call__": _call, "__module__": __name__, "__qualname__": f"Lora{cls.__name__}"}
+        if issubclass(cls, nnx.Embed):
+            ns["attend"] = _attend
+        sub = _SUBCLASSES[cls] = type(f"Lora{cls.__name__}", (cls,), ns)
+    return sub
+
+
+# ------------------------------------------------------------------------------ the forward
+
+
+def _paths(tree: Any) -> set[str]:
+    return {p for p, _ in P.leaves_with_paths(tree)}
+
+
+def _build(graphdef: nnx.GraphDef, base: dict) -> nnx.Module:
+    """``nnx.merge(graphdef, base)``, or an :class:`NnxStateError` if they do not belong
+    together (other leaves, other paths)."""
+    fix = ("pass the graphdef that nnx.split returned with this state "
+           "(graphdef, state = nnx.split(model); jlora.lora(graphdef)(state, ...)), or the "
+           "whole state when the graphdef was split off with all of it.")
+    try:
+        model = nnx.merge(graphdef, base)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise NnxStateError(f"jlora.lora(graphdef): the state does not belong to this graphdef "
+                            f"({e}); {fix}") from None
+    want = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(model))}
+    have = _paths(base)
+    if want != have:
+        odd = sorted(have - want)[:3] + sorted(want - have)[:3]
+        raise NnxStateError(f"jlora.lora(graphdef): the state's paths differ from the graphdef's "
+                            f"(e.g. {', '.join(odd)}); {fix}")
+    return model
+
+
+def _strip(tree: Any) -> Any:
+    """The tree without adapter leaves: what the graphdef was split with."""
+    return P.map_modules(tree, lambda _, ls: {k: v for k, v in ls.items()
+                                              if not P.is_adapter_name(str(k))})
+
+
+def _run(graphdef, tree, rate, rng, args, kwargs):
+    """Calls the model built from ``tree`` with its unmerged LoRA adapters; returns
+    ``(output, module paths whose adapter no layer read)``."""
+    adapters = P.check_adapters(tree, "lora")
+    model = _build(graphdef, _strip(tree))
+    leaves: dict[str, dict[str, Any]] = {}
+    for path, leaf in P.leaves_with_paths(tree):
+        module, name = P.split_path(path)
+        leaves.setdefault(module, {})[name] = leaf
+    want = {m: param for (m, param), ad in adapters.items() if not ad.merged
+            and ad.kind == "lora"}
+    table: dict[int, _Adapter] = {}
+    for i, (path, mod) in enumerate(nnx.iter_modules(model)):
+        module = ".".join(map(str, path))
+        param = want.get(module)
+        if param is None or not isinstance(mod, _SUPPORTED):
+            continue
+        if param != ("embedding" if isinstance(mod, nnx.Embed) else "kernel"):
+            continue
+        ls = leaves[module]
+        key = None if rng is None or rate <= 0 else jax.random.fold_in(rng, i)
+        table[id(mod)] = _Adapter(module, ls[param + P.A_SUFFIX], ls[param + P.B_SUFFIX],
+                                  ls[param + P.SCALE_SUFFIX], key, rate)
+        object.__setattr__(mod, "__class__", _adapted_class(type(mod)))
+    call = _Call(table, set())
+    token = _ACTIVE.set(call)
+    try:
+        out = model(*args, **kwargs)
+    finally:
+        _ACTIVE.reset(token)
+    return out, sorted(set(want) - call.consumed)
+
+
+def is_nnx(fn: Any) -> bool:
+    """Whether ``jlora.lora`` got an NNX graphdef (or an NNX module, a mistake)."""
+    return isinstance(fn, nnx.GraphDef | nnx.Module) or hasattr(fn, "_jlora_graphdef")
+
+
+def lora(graphdef: Any, *, dropout: float = 0.0, on_unconsumed: str = "merge",
+         mode: str = "intercept") -> Callable:
+    """:func:`jlora.lora` for a Flax NNX ``graphdef``: ``forward(state, *args,
+    dropout_rng=None, **kwargs)`` returns what the model returns.
+
+    ``state`` is the (adapted) ``nnx.State`` of ``nnx.split(model)`` or its pure dict (as
+    :mod:`jlora.train` carries it). ``dropout_rng``, a JAX key, turns on the adapters'
+    dropout (each adapted layer folds in its own index); it is not passed to the model.
+    """
+    if isinstance(graphdef, nnx.Module):
+        raise ConfigError("jlora.lora got an nnx.Module; pass its graphdef: graphdef, state = "
+                          "nnx.split(model); forward = jlora.lora(graphdef); "
+                          "forward(state, *args).")
+    graphdef = getattr(graphdef, "_jlora_graphdef", graphdef)
+    if mode not in ("intercept", "merge"):
+        raise ConfigError(f"mode={mode!r}: choose 'intercept' or 'merge'.")
+    if on_unconsumed not in ("merge", "raise"):
+        raise ConfigError(f"on_unconsumed={on_unconsumed!r}: choose 'merge' or 'raise'.")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout={dropout!r} must be in [0, 1).")
+
+    def forward(state: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any):
+        tree = nnx_tree.to_pure(state) if nnx_tree.is_state(state) else state
+        nnx_tree.check_pure(tree, "jlora.lora(graphdef)")
+        if dropout_rng is not None and not (
+                isinstance(dropout_rng, jax.Array)
+                and jax.dtypes.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key)):
+            raise KeyTypeError("dropout_rng must be a JAX PRNG key (jax.random.key(0)), got "
+                               f"{type(dropout_rng).__name__}.")
+        adapters = P.check_adapters(tree, "lora")  # once per trace under jit
+        if mode == "merge" and adapters:
+            tree, adapters = fold_modules(tree, into=True), {}  # forms ΔW: for inference
+        if any(ad.kind == "copy" and not ad.merged for ad in adapters.values()):
+            tree = F._read_copies(tree)
+        dora = {m for (m, _), ad in adapters.items() if ad.kind == "dora" and not ad.merged}
+        if dora:  # merged on read: the norm needs W + scale * A @ B anyway
+            tree = fold_modules(tree, into=True, only=dora)
+        out, missing = _run(graphdef, tree, dropout, dropout_rng, args, kwargs)
+        if not missing:
+            return out
+        if on_unconsumed == "raise":
+            raise UnconsumedAdapterError(
+                f"no supported nnx layer (Linear, LinearGeneral, Einsum, Conv, Embed) read the "
+                f"adapters of {', '.join(m or '<root>' for m in missing)}; use "
+                "lora(graphdef, on_unconsumed='merge') to merge them on read, or target only "
+                "supported layers.")
+        tree = fold_modules(tree, into=True, only=set(missing))
+        return _run(graphdef, tree, dropout, dropout_rng, args, kwargs)[0]
+
+    forward._jlora_graphdef = graphdef  # lora(forward, dropout=...) rebuilds from it
+    forward._jlora_nnx = True
+    forward.__doc__ = lora.__doc__
+    return forward
+
