@@ -23,29 +23,40 @@ def _flops(graphdef, params, train, data):
 
 
 def test_lora_step_flops_at_most_three_quarters_of_full_fine_tuning():
-    model = TinyLM(vocab=128, d=128, layers=2)
+    model = TinyLM(vocab=128, d=128, layers=1)
     graphdef, base, state = adapted(model, CONFIG)
-    data = jlora.train.SyntheticTokens(vocab_size=128, seq_len=32, batch_size=8)
+    data = jlora.train.SyntheticTokens(vocab_size=128, seq_len=32, batch_size=4)
     lora, full = _flops(graphdef, state, "adapters", data), _flops(graphdef, base, "all", data)
-    assert lora <= 0.75 * full, (lora, full, lora / full)  # measured 0.68
+    print(f"nnx LoRA step FLOPs {lora:.4g} vs full fine-tuning {full:.4g}: {lora / full:.3f}x")
+    assert lora <= 0.75 * full, (lora, full, lora / full)  # measured 0.63
 
 
-def _run(mesh, state, graphdef, steps, directory=None, resume=False):
+def _train(mesh, state, graphdef, steps, restore_at=None):
+    """Trains ``steps`` steps with a checkpoint after each; with ``restore_at``, restores that
+    step's checkpoint (state and data position) after the last step and trains on to ``steps
+    + (steps - restore_at)``: a resume. Returns the losses and the combined trained tree."""
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-2))
     ts, frozen, sh = jlora.train.init(state, tx, jax.random.key(2), mesh=mesh)
     step = jlora.train.make_train_step(jlora.train.causal_lm_loss(graphdef, dropout=0.1), tx,
                                        sh, accum_steps=2)
     data = jlora.train.SyntheticTokens(vocab_size=32, seq_len=8, batch_size=8)
-    ckpt = jlora.checkpoint.Checkpointer(directory or tempfile.mkdtemp(), CONFIG, keep=3)
-    position = 0
-    if resume:
-        ts, position = ckpt.restore(jlora.train.abstract(ts, sh))
-    it = jlora.train.DataIterator(data, position)
+    ckpt = jlora.checkpoint.Checkpointer(tempfile.mkdtemp(), CONFIG, keep=steps)
+    it = jlora.train.DataIterator(data)
     losses = []
-    for _ in range(steps):
-        ts, metrics = step(ts, frozen, jlora.train.shard_batch(next(it), sh.batch, multiple=2))
-        losses.append(float(metrics["loss"]))
-        ckpt.save(int(ts.step), ts, data_position=it.position)
+
+    def run(ts, it, n):
+        for _ in range(n):
+            ts, metrics = step(ts, frozen, jlora.train.shard_batch(next(it), sh.batch,
+                                                                   multiple=2))
+            losses.append(float(metrics["loss"]))
+            ckpt.save(int(ts.step), ts, data_position=it.position)
+        return ts
+
+    ts = run(ts, it, steps)
+    if restore_at is not None:
+        ckpt.wait()
+        ts, position = ckpt.restore(jlora.train.abstract(ts, sh), step=restore_at)
+        ts = run(ts, jlora.train.DataIterator(data, position), steps - restore_at)
     ckpt.close()
     assert step.trace_count == 1
     return losses, jlora.combine(ts.params, frozen)
@@ -57,9 +68,15 @@ def lm():
     return adapted(model, CONFIG)
 
 
-def test_trains_with_frozen_leaves_bit_identical(lm):
-    graphdef, base, state = lm
-    losses, params = _run(None, state, graphdef, 6)
+@pytest.fixture(scope="module")
+def one_device(lm):
+    graphdef, _, state = lm
+    return _train(jlora.train.single_device_mesh(), state, graphdef, 4)
+
+
+def test_trains_with_frozen_leaves_bit_identical(lm, one_device):
+    graphdef, _, state = lm
+    losses, params = one_device
     assert losses[-1] < losses[0]
     pure = nnx.State.to_pure_dict(state)
     flat_before = dict(jlora.paths.leaves_with_paths(pure))
@@ -73,12 +90,11 @@ def test_trains_with_frozen_leaves_bit_identical(lm):
     np.testing.assert_allclose(merged(ids), y, atol=1e-5)
 
 
-def test_sharded_step_matches_one_device_and_resumes(lm):
+def test_sharded_step_matches_one_device_and_resumes(lm, one_device):
     graphdef, _, state = lm
-    one, _ = _run(jlora.train.single_device_mesh(), state, graphdef, 4)
     mesh = jlora.train.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert mesh.size == 8
-    directory = tempfile.mkdtemp()
-    eight, _ = _run(mesh, state, graphdef, 2, directory)
-    resumed, _ = _run(mesh, state, graphdef, 2, directory, resume=True)
-    np.testing.assert_allclose(eight + resumed, one, rtol=1e-5)
+    # 4 steps, then back to the checkpoint of step 2 and its data position, 2 steps again
+    losses, _ = _train(mesh, state, graphdef, 4, restore_at=2)
+    np.testing.assert_allclose(losses[:4], one_device[0], rtol=1e-5)
+    np.testing.assert_allclose(losses[4:], one_device[0][2:], rtol=1e-5)
