@@ -253,7 +253,9 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
     """Wraps ``fn(variables, *args, **kwargs)`` (e.g. ``model.apply``) to run the adapters.
 
     Args:
-      fn: a function whose first argument is the (adapted) variables or params tree.
+      fn: a function whose first argument is the (adapted) variables or params tree; or a
+        Flax NNX ``graphdef`` (from ``nnx.split(model)``): then the result is the pure
+        ``forward(state, *args, dropout_rng=None, **kwargs)`` of :mod:`jlora.nnx_forward`.
       dropout: dropout probability on the adapter input (PEFT's ``lora_dropout``; pass
         ``config.dropout``). Applied only when the call has a ``'dropout'`` rng
         (``rngs={'dropout': key}``), i.e. in training; embeddings get none, as in PEFT.

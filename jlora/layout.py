@@ -116,7 +116,8 @@ def layout(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> L
     """Traces ``model.init(key, *args, **kwargs)`` shape-only and records each layer's axes.
 
     Args:
-      model: a linen module.
+      model: a linen module; or a Flax NNX module, whose layers are read directly (no trace:
+        the example arguments are not needed).
       *args: example arguments (arrays or ``jax.ShapeDtypeStruct``s).
       method: optional method to init through (as in ``model.init(..., method=...)``).
       **kwargs: example keyword arguments.

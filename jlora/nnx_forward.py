@@ -208,6 +208,21 @@ def lora(graphdef: Any, *, dropout: float = 0.0, on_unconsumed: str = "merge",
     ``state`` is the (adapted) ``nnx.State`` of ``nnx.split(model)`` or its pure dict (as
     :mod:`jlora.train` carries it). ``dropout_rng``, a JAX key, turns on the adapters'
     dropout (each adapted layer folds in its own index); it is not passed to the model.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jlora
+      >>> from flax import nnx
+      >>> graphdef, state = nnx.split(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+      >>> state = jlora.inject(state, jlora.LoraConfig(rank=2, targets=".*", init="random"),
+      ...                      jax.random.key(1))
+      >>> forward = jlora.lora(graphdef, dropout=0.1)
+      >>> x = jnp.ones((2, 4))
+      >>> y = forward(state, x)
+      >>> bool(jnp.allclose(y, nnx.merge(graphdef, jlora.merge(state, unload=True))(x),
+      ...                   atol=1e-5))
+      True
+      >>> forward(state, x, dropout_rng=jax.random.key(2)).shape
+      (2, 3)
     """
     if isinstance(graphdef, nnx.Module):
         raise ConfigError("jlora.lora got an nnx.Module; pass its graphdef: graphdef, state = "

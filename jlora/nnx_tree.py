@@ -25,7 +25,6 @@ import jax
 from flax import nnx
 
 from jlora import paths as P
-from jlora.errors import LayoutError
 
 _Keys = tuple[Any, ...]
 
@@ -65,7 +64,14 @@ def _unnest(tree: Any) -> list[tuple[_Keys, Any]]:
 
 
 def params_of(state: nnx.State) -> dict:
-    """The params tree of a State: its ``nnx.Param`` values as a nested dict."""
+    """The params tree of a State: its ``nnx.Param`` values as a nested dict.
+
+    Example:
+      >>> from flax import nnx
+      >>> _, state = nnx.split(nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+      >>> sorted(params_of(state)), sorted(to_pure(state))
+      (['bias', 'scale'], ['bias', 'mean', 'scale', 'var'])
+    """
     return _nest([(k, _value(v)) for k, v in _flat(state) if _is_param(v)])
 
 
@@ -176,10 +182,7 @@ def layout(model: nnx.Module):
         elif isinstance(mod, nnx.LinearGeneral):
             why = "LinearGeneral with batch_axis" if mod.batch_axis else None
             infos[where] = LayerInfo("dense_general", len(mod.axis), why)
-        elif isinstance(mod, nnx.Einsum):
-            if mod.einsum_str is None:
-                raise LayoutError(f"{where}: this nnx.Einsum takes its einsum_str at call time; "
-                                  "give it one at construction so its kernel axes are known.")
+        elif isinstance(mod, nnx.Einsum):  # the constructor's einsum_str (nnx requires one)
             n_in, why = _einsum_split(mod.einsum_str, len(mod.kernel_shape))
             infos[where] = LayerInfo("einsum", n_in, why)
         elif isinstance(mod, nnx.ConvTranspose):

@@ -55,7 +55,8 @@ def causal_lm_loss(apply_fn: Callable, *, dropout: float = 0.0, chunk_size: int 
     gradient accumulation gives the token mean of the whole batch.
 
     Args:
-      apply_fn: the model's ``apply`` (``logits = apply_fn(params, input_ids, ...)``).
+      apply_fn: the model's ``apply`` (``logits = apply_fn(params, input_ids, ...)``), or
+        a Flax NNX ``graphdef`` (the step's rng then goes to ``dropout_rng``).
       dropout: the adapters' dropout (``config.dropout``); active when the step passes a rng.
       chunk_size: tokens per chunk of the head + cross-entropy (``None``: the whole batch at
         once, through the model's logits).

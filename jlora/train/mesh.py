@@ -340,6 +340,8 @@ def put(tree: Any, shardings: Any) -> Any:
             return x
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return jax.jit(lambda y: y, out_shardings=s)(x)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.device_put(x, s)  # a typed key (an NNX rng stream's): no host copy
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 

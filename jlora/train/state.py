@@ -93,7 +93,8 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
     ``params``; each keeps the shards of its devices).
 
     Args:
-      params: the output of :func:`jlora.inject` (variables dict or bare tree).
+      params: the output of :func:`jlora.inject` (variables dict or bare tree, or an
+        ``nnx.State``: carried as its pure dict, which ``jlora.lora(graphdef)`` takes).
       tx: the optimizer for the adapters (e.g. ``optax.adamw(1e-3)``, or
         ``jlora.optimizer(...)`` of it).
       key: a JAX PRNG key, the root of the dropout rngs.

@@ -98,3 +98,35 @@ def test_sharded_step_matches_one_device_and_resumes(lm, one_device):
     losses, _ = _train(mesh, state, graphdef, 4, restore_at=2)
     np.testing.assert_allclose(losses[:4], one_device[0], rtol=1e-5)
     np.testing.assert_allclose(losses[4:], one_device[0][2:], rtol=1e-5)
+
+
+class Stateful(nnx.Module):
+    """Non-param state the step must carry untouched: batch stats and an rng stream."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(16, 8, rngs=rngs)
+        self.up = nnx.Linear(8, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, use_running_average=True, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, deterministic=True, rngs=rngs)
+        self.head = nnx.Linear(8, 16, rngs=rngs)
+
+    def __call__(self, ids, attention_mask=None):
+        return self.head(self.drop(self.bn(self.up(self.embed(ids)))))
+
+
+def test_non_param_state_rides_along_untouched():
+    graphdef, state = nnx.split(Stateful(nnx.Rngs(0)))
+    state = jlora.inject(state, jlora.LoraConfig(rank=2, targets=["up", "head"]),
+                         jax.random.key(1))
+    tx = optax.adam(1e-2)
+    ts, frozen, sh = jlora.train.init(state, tx, jax.random.key(2))
+    step = jlora.train.make_train_step(jlora.train.causal_lm_loss(graphdef, dropout=0.1), tx, sh)
+    data = jlora.train.SyntheticTokens(vocab_size=16, seq_len=8, batch_size=4)
+    for i in range(2):
+        ts, metrics = step(ts, frozen, data.batch(i))
+    assert np.isfinite(float(metrics["loss"]))
+    assert frozen["drop"]["rngs"]["key"].dtype == state["drop"]["rngs"]["key"].get_value().dtype
+    np.testing.assert_array_equal(frozen["bn"]["mean"], state["bn"]["mean"].get_value())
+    np.testing.assert_array_equal(jax.random.key_data(frozen["drop"]["rngs"]["key"]),
+                                  jax.random.key_data(state["drop"]["rngs"]["key"].get_value()))
+    assert int(frozen["drop"]["rngs"]["count"]) == int(state["drop"]["rngs"]["count"].get_value())

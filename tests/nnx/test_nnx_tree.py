@@ -139,3 +139,15 @@ def test_multi_axis_kernels_need_the_nnx_layout():
     assert (lay["blocks.0.attn.qkv"].n_in, lay["blocks.0.attn.out"].n_in) == (1, 2)
     general = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), batch_axis={0: 5}, rngs=nnx.Rngs(0))
     assert "batch_axis" in jlora.layout(general)[""].unsupported
+
+
+def test_layout_refuses_what_lora_cannot_adapt():
+    rngs = nnx.Rngs(0)
+    batched = nnx.Einsum("bhi,hio->bho", (2, 4, 3), rngs=rngs)  # h in input and output
+    assert "both the input and the output" in jlora.layout(batched)[""].unsupported
+    grouped = nnx.Conv(4, 4, (3,), feature_group_count=2, rngs=rngs)
+    assert "grouped" in jlora.layout(grouped)[""].unsupported
+    _, state = nnx.split(grouped)
+    with pytest.raises(LayoutError, match="grouped"):
+        jlora.inject(state, jlora.LoraConfig(rank=2, targets=".*"), jax.random.key(0),
+                     layout=jlora.layout(grouped))
