@@ -149,19 +149,22 @@ def labels(state: nnx.State, label_tree: Any) -> nnx.State:
 
 
 def split(state: nnx.State, label_state: nnx.State) -> tuple[nnx.State, nnx.State]:
-    """``(trainable, frozen)``: two disjoint States (as ``nnx.split_state``)."""
+    """``(trainable, frozen)``: States of ``state``'s structure, each with ``None`` where
+    the other holds a Variable (as :func:`jlora.split` of a linen tree)."""
     from jlora.optim import FROZEN
 
-    lab = dict((tuple(k), v) for k, v in nnx.to_flat_state(label_state))
+    lab = {tuple(k): v for k, v in nnx.to_flat_state(label_state)}
     flat = _flat(state)
     pick = lambda want: nnx.State.from_flat_path(  # noqa: E731
-        {k: v for k, v in flat if (lab[k] != FROZEN) == want})
+        {k: v if v is not None and (lab[k] != FROZEN) == want else None for k, v in flat})
     return pick(True), pick(False)
 
 
 def combine(trainable: nnx.State, frozen: nnx.State) -> nnx.State:
-    """The inverse of :func:`split`."""
-    return nnx.merge_state(frozen, trainable)
+    """The inverse of :func:`split`: each Variable from whichever State holds it."""
+    out = dict(_flat(frozen))
+    out.update((k, v) for k, v in _flat(trainable) if v is not None or k not in out)
+    return nnx.State.from_flat_path(out)
 
 
 # ----------------------------------------------------------------------------- layout

@@ -90,9 +90,14 @@ def test_split_combine_labels_optimizer_on_states():
     _, _, state = adapted(TinyLM(), CONFIG)
     trainable, frozen = jlora.split(state)
     assert isinstance(trainable, nnx.State) and isinstance(frozen, nnx.State)
-    names = {str(k[-1]) for k, _ in nnx.to_flat_state(trainable)}
+    names = {str(k[-1]) for k, v in nnx.to_flat_state(trainable) if v is not None}
     assert names == {"kernel_lora_a", "kernel_lora_b", "embedding_lora_a", "embedding_lora_b"}
+    assert {k for k, v in nnx.to_flat_state(frozen) if v is None} == {
+        k for k, v in nnx.to_flat_state(trainable) if v is not None}
     assert jax.tree.structure(jlora.combine(trainable, frozen)) == jax.tree.structure(state)
+    # the optimizer takes the trainable half too, and keeps state for adapters only
+    half = jlora.optimizer(optax.adam(1e-2), trainable)
+    assert len(jax.tree.leaves(half.init(trainable))) == 2 * len(jax.tree.leaves(trainable)) + 1
     labels = jlora.labels(state, lora_plus=True)
     assert labels["blocks"][0]["up"]["kernel_lora_b"] == "trainable_b"
     assert labels["blocks"][0]["up"]["kernel"] == "frozen"
@@ -151,3 +156,19 @@ def test_layout_refuses_what_lora_cannot_adapt():
     with pytest.raises(LayoutError, match="grouped"):
         jlora.inject(state, jlora.LoraConfig(rank=2, targets=".*"), jax.random.key(0),
                      layout=jlora.layout(grouped))
+
+
+def test_checkpointer_saves_and_restores_states(tmp_path):
+    config = jlora.LoraConfig(rank=2, targets=["up"])
+    _, _, state = adapted(TinyLM(layers=1), config)
+    trainable, _ = jlora.split(perturb_b(state))
+    tx = jlora.optimizer(optax.adam(1e-3), trainable)
+    saved = {"params": trainable, "opt": tx.init(trainable)}
+    with jlora.checkpoint.Checkpointer(tmp_path, config) as ckpt:
+        ckpt.save(3, saved)
+        ckpt.wait()
+        restored, position = ckpt.restore(saved)
+    assert isinstance(restored["params"], nnx.State) and position == 3
+    assert jax.tree.structure(restored) == jax.tree.structure(saved)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(a, b)
