@@ -10,10 +10,10 @@ their adapter up in a context variable keyed by the instance (so nothing outlive
 and concurrent calls or traces do not see each other's adapters). The geometry and low-rank
 math are :mod:`jlora.forward`'s, shared with the linen interceptor.
 
-As with linen, an adapter that no supported layer reads (an unsupported module, one the
-call never reaches) is merged into its kernel for that call, or raises with
-``on_unconsumed='raise'``; a DoRA adapter is merged on read (its norm needs the merged
-weight anyway; NNX's DoRA forward does not yet skip forming ``W + scale * A @ B``).
+DoRA adapters run as :func:`jlora.forward._dora` does (the weight norm is the only place
+``W + scale * A @ B`` is formed). As with linen, an adapter that no supported layer reads
+(an unsupported module, one the call never reaches) is merged into its kernel for that call,
+or raises with ``on_unconsumed='raise'``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,14 @@ from flax.linen.dtypes import promote_dtype
 from jlora import forward as F
 from jlora import nnx_tree
 from jlora import paths as P
-from jlora.errors import ConfigError, KeyTypeError, NnxStateError, UnconsumedAdapterError
-from jlora.merge import fold_modules
+from jlora.errors import (
+    ConfigError,
+    KeyTypeError,
+    LayoutError,
+    NnxStateError,
+    UnconsumedAdapterError,
+)
+from jlora.merge import fold_modules, weight_norm
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 
@@ -43,6 +49,7 @@ class _Adapter(NamedTuple):
     scale: jax.Array
     key: jax.Array | None  # the dropout key of this layer (None: no dropout)
     rate: float
+    magnitude: jax.Array | None = None  # DoRA's (None: plain LoRA)
 
 
 class _Call(NamedTuple):
@@ -99,11 +106,53 @@ def _call(self, *args, **kwargs):
     if ad is None:
         return y
     if isinstance(self, nnx.Embed):  # no dropout on embeddings, as PEFT
-        return y + F._embed_delta(self, "__call__", args, ad.a, ad.b, ad.scale).astype(y.dtype)
+        ids = (F._input(args, kwargs),)
+        return y + F._embed_delta(self, "__call__", ids, ad.a, ad.b, ad.scale).astype(y.dtype)
     x = F._input(args, kwargs)
-    if ad.key is not None:
-        x = F.drop(ad.key, x, ad.rate)
-    return y + _delta(self, args, kwargs, x, ad).astype(y.dtype)
+    xd = x if ad.key is None else F.drop(ad.key, x, ad.rate)
+    d = _delta(self, args, kwargs, xd, ad).astype(y.dtype)
+    if ad.magnitude is None:
+        return y + d
+    return _dora(self, args, kwargs, y, d, xd if ad.key is not None else None, ad)
+
+
+def _per_feature(mod, args, kwargs, v, ndim, n_in):
+    """:func:`jlora.forward._per_feature` for nnx layers: ``v`` (per output feature) shaped
+    to broadcast over the layer's output."""
+    if not isinstance(mod, nnx.Einsum):
+        return v
+    _, _, kout, out = F._einsum_parts(mod, args, kwargs, n_in)
+    pre, _, post = out.partition("...")
+    sizes = dict(zip(kout, v.shape))
+    v = jnp.transpose(v, [kout.index(c) for c in pre + post if c in sizes])
+    shape = [sizes.get(c, 1) for c in pre] + [1] * (ndim - len(pre) - len(post))
+    return v.reshape(shape + [sizes.get(c, 1) for c in post])
+
+
+def _base(mod, args, kwargs, x, kernel, n_in):
+    """The layer's own ``x @ W`` without its bias (Linear, LinearGeneral, Einsum)."""
+    x, kernel = promote_dtype(x, kernel, dtype=mod.dtype)
+    if isinstance(mod, nnx.Einsum):
+        xs, kin, kout, out = F._einsum_parts(mod, args, kwargs, n_in)
+        return jnp.einsum(f"{xs},{kin}{kout}->{out}", x, kernel, precision=mod.precision)
+    x2d, lead = (x.reshape(-1, x.shape[-1]), x.shape[:-1]) if isinstance(
+        mod, nnx.Linear) else F._dense_2d(mod, x, n_in)
+    y = jnp.dot(x2d, kernel.reshape(x2d.shape[1], -1), precision=mod.precision)
+    return y.reshape(*lead, *kernel.shape[n_in:])
+
+
+def _dora(mod, args, kwargs, y, d, xd, ad: _Adapter):
+    """PEFT's DoRA, as :func:`jlora.forward._dora`: ``m / n * (x @ W + d) + bias`` with the
+    weight norm ``n`` detached; with dropout (``xd``), ``y + (m / n - 1) * (xd @ W) + m / n *
+    d``. The norm is the only place ``W + scale * A @ B`` is formed."""
+    kernel, n_in = mod.kernel[...], ad.a.ndim - 1
+    n = jax.lax.stop_gradient(weight_norm(kernel, ad.a, ad.b, ad.scale))
+    f = _per_feature(mod, args, kwargs, (ad.magnitude / n).astype(y.dtype), y.ndim, n_in)
+    if xd is None:
+        bias = jnp.zeros((), y.dtype) if mod.bias is None else _per_feature(
+            mod, args, kwargs, mod.bias[...].astype(y.dtype), y.ndim, n_in)
+        return f * (y - bias + d) + bias
+    return y + (f - 1) * _base(mod, args, kwargs, xd, kernel, n_in).astype(y.dtype) + f * d
 
 
 def _attend(self, *args, **kwargs):
@@ -111,7 +160,8 @@ def _attend(self, *args, **kwargs):
     ad = _lookup(self)
     if ad is None:
         return y
-    return y + F._embed_delta(self, "attend", args, ad.a, ad.b, ad.scale).astype(y.dtype)
+    query = (args[0] if args else kwargs["query"],)
+    return y + F._embed_delta(self, "attend", query, ad.a, ad.b, ad.scale).astype(y.dtype)
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -172,7 +222,7 @@ def _run(graphdef, tree, rate, rng, args, kwargs):
         module, name = P.split_path(path)
         leaves.setdefault(module, {})[name] = leaf
     want = {m: param for (m, param), ad in adapters.items() if not ad.merged
-            and ad.kind == "lora"}
+            and ad.kind in ("lora", "dora")}
     table: dict[int, _Adapter] = {}
     for i, (path, mod) in enumerate(nnx.iter_modules(model)):
         module = ".".join(map(str, path))
@@ -182,9 +232,13 @@ def _run(graphdef, tree, rate, rng, args, kwargs):
         if param != ("embedding" if isinstance(mod, nnx.Embed) else "kernel"):
             continue
         ls = leaves[module]
+        magnitude = ls.get(param + P.MAGNITUDE_SUFFIX)
+        if magnitude is not None and isinstance(mod, nnx.Embed | nnx.Conv):
+            raise LayoutError(f"{module}: DoRA adapts Linear, LinearGeneral and Einsum layers "
+                              f"only, not {type(mod).__name__}; inject it with use_dora=False.")
         key = None if rng is None or rate <= 0 else jax.random.fold_in(rng, i)
         table[id(mod)] = _Adapter(module, ls[param + P.A_SUFFIX], ls[param + P.B_SUFFIX],
-                                  ls[param + P.SCALE_SUFFIX], key, rate)
+                                  ls[param + P.SCALE_SUFFIX], key, rate, magnitude)
         object.__setattr__(mod, "__class__", _adapted_class(type(mod)))
     call = _Call(table, set())
     token = _ACTIVE.set(call)
@@ -249,9 +303,6 @@ def lora(graphdef: Any, *, dropout: float = 0.0, on_unconsumed: str = "merge",
             tree, adapters = fold_modules(tree, into=True), {}  # forms ΔW: for inference
         if any(ad.kind == "copy" and not ad.merged for ad in adapters.values()):
             tree = F._read_copies(tree)
-        dora = {m for (m, _), ad in adapters.items() if ad.kind == "dora" and not ad.merged}
-        if dora:  # merged on read: the norm needs W + scale * A @ B anyway
-            tree = fold_modules(tree, into=True, only=dora)
         out, missing = _run(graphdef, tree, dropout, dropout_rng, args, kwargs)
         if not missing:
             return out

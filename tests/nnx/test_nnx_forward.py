@@ -10,7 +10,13 @@ from _nnx_model import TARGETS, ConvNet, TinyLM, adapted, perturb_b
 from flax import nnx
 
 import jlora
-from jlora.errors import ConfigError, KeyTypeError, NnxStateError, UnconsumedAdapterError
+from jlora.errors import (
+    ConfigError,
+    KeyTypeError,
+    LayoutError,
+    NnxStateError,
+    UnconsumedAdapterError,
+)
 
 IDS = jnp.array([[1, 5, 2, 7, 3, 0], [4, 4, 9, 1, 8, 2]])
 CONFIG = jlora.LoraConfig(rank=2, alpha=4, targets=TARGETS)
@@ -183,3 +189,32 @@ def test_a_module_instead_of_its_graphdef_is_a_clear_error():
         jlora.lora(TinyLM())
     with pytest.raises(NnxStateError, match="nnx.State"):
         jlora.lora(nnx.split(TinyLM())[0])([1, 2], IDS)
+
+
+def test_dora_runs_in_the_layers_and_equals_the_merged_model():
+    config = jlora.LoraConfig(rank=2, alpha=4, targets=["qkv", "out", "up", "down"],
+                              use_dora=True)
+    graphdef, _, state = adapted(TinyLM(), config)
+    state = perturb_b(state)
+    flat = {}
+    for path, var in nnx.to_flat_state(state):  # magnitudes off their init (‖W + ΔW‖)
+        if str(path[-1]).endswith("_lora_magnitude"):
+            var = var.replace(var.get_value() * jnp.linspace(0.5, 1.5, var.get_value().size
+                                                             ).reshape(var.get_value().shape))
+        flat[tuple(path)] = var
+    state = nnx.State.from_flat_path(flat)
+    forward = jlora.lora(graphdef, on_unconsumed="raise")
+    y = forward(state, IDS)
+    np.testing.assert_allclose(y, nnx.merge(graphdef, jlora.merge(state, unload=True))(IDS),
+                               atol=1e-4)
+    g = jax.grad(lambda s: jnp.sum(jlora.lora(graphdef, dropout=0.3)(
+        s, IDS, dropout_rng=jax.random.key(0)) ** 2))(state)
+    assert float(jnp.abs(g["blocks"][0]["up"]["kernel_lora_magnitude"].get_value()).max()) > 0
+
+
+def test_dora_on_an_embedding_is_a_layout_error(lm):
+    graphdef, _, state, _ = lm
+    tree = nnx.State.to_pure_dict(state)  # a hand-made tree: inject refuses DoRA on Embed
+    tree["embed"]["embedding_lora_magnitude"] = jnp.ones(16)
+    with pytest.raises(LayoutError, match="DoRA adapts Linear"):
+        jlora.lora(graphdef)(tree, IDS)
