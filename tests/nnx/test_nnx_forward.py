@@ -85,6 +85,7 @@ def test_merge_then_nnx_merge_equals_the_adapted_forward(lm):
     np.testing.assert_allclose(nnx.merge(graphdef, merged)(IDS), y, atol=1e-5, rtol=0)
     # kept merged (not unloaded), the forward does not apply the adapters twice
     np.testing.assert_allclose(jlora.lora(graphdef)(jlora.merge(state), IDS), y, atol=1e-5)
+    np.testing.assert_allclose(jlora.lora(graphdef, mode="merge")(state, IDS), y, atol=1e-5)
 
 
 def test_pure_under_jit_and_no_state_left_behind(lm):
@@ -187,8 +188,12 @@ def test_a_graphdef_of_another_model_is_a_clear_error(lm):
 def test_a_module_instead_of_its_graphdef_is_a_clear_error():
     with pytest.raises(ConfigError, match="nnx.split"):
         jlora.lora(TinyLM())
+    graphdef = nnx.split(TinyLM())[0]
     with pytest.raises(NnxStateError, match="nnx.State"):
-        jlora.lora(nnx.split(TinyLM())[0])([1, 2], IDS)
+        jlora.lora(graphdef)([1, 2], IDS)
+    for bad in ({"mode": "fold"}, {"on_unconsumed": "skip"}, {"dropout": 1.0}):
+        with pytest.raises(ConfigError):
+            jlora.lora(graphdef, **bad)
 
 
 def test_dora_runs_in_the_layers_and_equals_the_merged_model():
