@@ -172,3 +172,21 @@ def test_checkpointer_saves_and_restores_states(tmp_path):
     assert jax.tree.structure(restored) == jax.tree.structure(saved)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_eagerly_sharded_kernels_give_adapters_placed_the_same_way():
+    mesh = jlora.train.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("fsdp", "tensor"))
+    with jax.set_mesh(mesh):
+        model = nnx.Linear(8, 4, kernel_init=init, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    out = jlora.inject(state, jlora.LoraConfig(rank=2, targets=".*", init="random"),
+                       jax.random.key(0))
+    a, b = out["kernel_lora_a"], out["kernel_lora_b"]
+    assert a.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert b.get_value().sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+    assert a.get_metadata()["out_sharding"] == ("fsdp", None)
+    x = jnp.ones((4, 8))
+    y = jax.jit(jlora.lora(graphdef))(out, x)
+    np.testing.assert_allclose(y, nnx.merge(graphdef, jlora.merge(out, unload=True))(x),
+                               atol=1e-5)
