@@ -22,6 +22,7 @@ def _flops(graphdef, params, train, data):
     return step.lower(state, frozen, data.batch(0)).compile().cost_analysis()["flops"]
 
 
+@pytest.mark.slow
 def test_lora_step_flops_at_most_three_quarters_of_full_fine_tuning():
     model = TinyLM(vocab=128, d=128, layers=1)
     graphdef, base, state = adapted(model, CONFIG)
@@ -90,6 +91,7 @@ def test_trains_with_frozen_leaves_bit_identical(lm, one_device):
     np.testing.assert_allclose(merged(ids), y, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_one_device_and_resumes(lm, one_device):
     graphdef, _, state = lm
     mesh = jlora.train.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
