@@ -25,6 +25,7 @@ __all__ = [
     "MeshError",
     "TrainingError",
     "DataError",
+    "NnxStateError",
 ]
 
 
@@ -112,3 +113,8 @@ class TrainingError(JloraError, RuntimeError):
 
 class DataError(JloraError, ValueError):
     """Training or evaluation data is missing, empty, or lacks a field it needs."""
+
+
+class NnxStateError(JloraError, ValueError):
+    """A Flax NNX state does not fit the graphdef given to ``jlora.lora(graphdef)`` (it
+    belongs to another model), or is not a state jlora can read."""

@@ -61,11 +61,16 @@ def _dropout(mod: nn.Module, x: jax.Array, rate: float) -> jax.Array:
     """
     if rate <= 0.0 or not mod.scope.has_rng("dropout"):
         return x
+    return drop(mod.make_rng("dropout"), x, rate)
+
+
+def drop(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+    """:func:`_dropout`'s masking from an explicit key (shared with the NNX forward)."""
     threshold = round(rate * 2**_DROP_BITS)
     if threshold == 0:
         return x
     # two 16-bit draws from each 32-bit word: half the threefry work of 16-bit bits
-    words = jax.random.bits(mod.make_rng("dropout"), ((x.size + 1) // 2,), jnp.uint32)
+    words = jax.random.bits(key, ((x.size + 1) // 2,), jnp.uint32)
     bits = jnp.stack([words & 0xFFFF, words >> 16], axis=1).reshape(-1)[:x.size]
     keep = bits.reshape(x.shape) >= jnp.uint32(threshold)
     scale = 1.0 / (1.0 - threshold / 2**_DROP_BITS)
@@ -370,7 +375,9 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
     """Wraps ``fn(variables, *args, **kwargs)`` (e.g. ``model.apply``) to run the adapters.
 
     Args:
-      fn: a function whose first argument is the (adapted) variables or params tree.
+      fn: a function whose first argument is the (adapted) variables or params tree; or a
+        Flax NNX ``graphdef`` (from ``nnx.split(model)``): then the result is the pure
+        ``forward(state, *args, dropout_rng=None, **kwargs)`` of :mod:`jlora.nnx_forward`.
       dropout: dropout probability on the adapter input (PEFT's ``lora_dropout``; pass
         ``config.dropout``). Applied only when the call has a ``'dropout'`` rng
         (``rngs={'dropout': key}``), i.e. in training; embeddings get none, as in PEFT.
@@ -405,6 +412,11 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
       >>> bool(jnp.allclose(y, model.apply(merge(p), x), atol=1e-5))
       True
     """
+    from jlora import nnx_forward  # Flax NNX: lora(graphdef) (jlora/nnx_forward.py)
+
+    if nnx_forward.is_nnx(fn):
+        return nnx_forward.lora(fn, dropout=dropout, on_unconsumed=on_unconsumed, mode=mode,
+                                adapter=adapter)
     if mode not in ("intercept", "merge"):
         raise ConfigError(f"mode={mode!r}: choose 'intercept' or 'merge'.")
     if on_unconsumed not in ("merge", "raise"):

@@ -116,7 +116,8 @@ def layout(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> L
     """Traces ``model.init(key, *args, **kwargs)`` shape-only and records each layer's axes.
 
     Args:
-      model: a linen module.
+      model: a linen module; or a Flax NNX module, whose layers are read directly (no trace:
+        the example arguments are not needed).
       *args: example arguments (arrays or ``jax.ShapeDtypeStruct``s).
       method: optional method to init through (as in ``model.init(..., method=...)``).
       **kwargs: example keyword arguments.
@@ -131,6 +132,10 @@ def layout(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> L
       >>> lay[""]
       LayerInfo(kind='dense_general', n_in=1, unsupported=None)
     """
+    from jlora import nnx_tree  # Flax NNX: read from the layers, no trace (jlora/nnx_tree.py)
+
+    if isinstance(model, nnx_tree.nnx.Module):
+        return nnx_tree.layout(model)
     infos: dict[str, LayerInfo] = {}
 
     def interceptor(next_fun, a, kw, context):

@@ -59,6 +59,11 @@ def _labels(params: Any, *, lora_plus: bool, what: str,
 
     P.check_adapters(P.params_of(params), what)
     names = P.require_names(P.params_of(params), adapter, what)
+    if P.is_nnx_state(params):  # Flax NNX: a State of labels (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        return nnx_tree.labels(params, _labels(nnx_tree.to_pure(params), lora_plus=lora_plus,
+                                               what=what, adapter=adapter))
     if P.is_variables(params):
         out = {k: _leaf_labels(v, lambda _: FROZEN) for k, v in params.items() if k != "params"}
         out["params"] = _leaf_labels(params["params"], label)
@@ -83,6 +88,10 @@ def split(params: Any, *, adapter: str | Sequence[str] | None = None) -> tuple[A
       True
     """
     lab = _labels(params, lora_plus=False, what="split", adapter=adapter)
+    if P.is_nnx_state(params):  # Flax NNX: two States with None holes (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        return nnx_tree.split(params, lab)
     pick = lambda want: jax.tree.map(  # noqa: E731
         lambda lb, x: x if (lb != FROZEN) == want else None, lab, params)
     return pick(True), pick(False)
@@ -96,8 +105,13 @@ def combine(trainable: Any, frozen: Any) -> Any:
       >>> combine(t, f)
       {'a': 1.0, 'b': 2.0}
     """
-    out = jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
-                       is_leaf=lambda x: x is None or P.is_box(x))
+    if P.is_nnx_state(trainable) and P.is_nnx_state(frozen):  # Flax NNX (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        out = nnx_tree.combine(trainable, frozen)
+    else:
+        out = jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                           is_leaf=lambda x: x is None or P.is_box(x))
     P.check_adapters(P.params_of(out), "combine")
     return out
 

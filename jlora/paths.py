@@ -70,18 +70,33 @@ def keypath_to_path(keypath: Sequence[Any]) -> str:
     return ".".join(_key_str(k) for k in keypath)
 
 
+def is_nnx_state(tree: Any) -> bool:
+    """An ``flax.nnx.State`` (checked by name: no nnx import for linen users)."""
+    return any(c.__name__ == "State" and c.__module__.startswith("flax.nnx")
+               for c in type(tree).__mro__)
+
+
 def is_variables(tree: Any) -> bool:
     """True for what ``model.init`` returns (a dict holding a ``'params'`` collection)."""
-    return isinstance(tree, Mapping) and "params" in tree and isinstance(tree["params"], Mapping)
+    return (isinstance(tree, Mapping) and not is_nnx_state(tree) and "params" in tree
+            and isinstance(tree["params"], Mapping))
 
 
 def params_of(tree: Any) -> Any:
     """The params collection of a variables dict, or the tree itself when it is bare."""
+    if is_nnx_state(tree):  # Flax NNX: the State's nnx.Param values (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        return nnx_tree.params_of(tree)
     return tree["params"] if is_variables(tree) else tree
 
 
 def with_params(tree: Any, params: Any) -> Any:
     """Puts ``params`` back where :func:`params_of` took it from (same kind of tree)."""
+    if is_nnx_state(tree):  # Flax NNX: back into the State's Variables (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        return nnx_tree.with_params(tree, params)
     if is_variables(tree):
         out = dict(tree)
         out["params"] = params
@@ -175,7 +190,7 @@ def views(leaves: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if is_adapter_name(k):
             stem, name = parse_leaf(k)
             out.setdefault(name, dict(own))[stem] = v
-    return dict(sorted(out.items(), key=lambda kv: _name_order(kv[0])))
+    return dict(sorted(out.items(), key=lambda kv: adapter_names_order(kv[0])))
 
 
 def unview(leaves: Mapping[str, Any], name: str, view: Mapping[str, Any]) -> dict[str, Any]:
@@ -205,7 +220,8 @@ def require_names(tree: Any, adapter: str | Sequence[str] | None, what: str
     return wanted
 
 
-def _name_order(name: str) -> tuple[bool, str]:
+def adapter_names_order(name: str) -> tuple[bool, str]:
+    """The sort key of adapter names: ``'default'`` first, then the others by name."""
     return (name != DEFAULT_ADAPTER, name)
 
 
@@ -221,7 +237,7 @@ def adapter_names(tree: Any) -> tuple[str, ...]:
     names = {parse_leaf(path.rsplit(".", 1)[-1])[1]
              for path, _ in leaves_with_paths(params_of(tree))
              if is_adapter_name(path.rsplit(".", 1)[-1])}
-    return tuple(sorted(names, key=_name_order))
+    return tuple(sorted(names, key=adapter_names_order))
 
 
 class Adapter(NamedTuple):

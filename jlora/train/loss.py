@@ -55,7 +55,8 @@ def causal_lm_loss(apply_fn: Callable, *, dropout: float = 0.0, chunk_size: int 
     gradient accumulation gives the token mean of the whole batch.
 
     Args:
-      apply_fn: the model's ``apply`` (``logits = apply_fn(params, input_ids, ...)``).
+      apply_fn: the model's ``apply`` (``logits = apply_fn(params, input_ids, ...)``), or
+        a Flax NNX ``graphdef`` (the step's rng then goes to ``dropout_rng``).
       dropout: the adapters' dropout (``config.dropout``); active when the step passes a rng.
       chunk_size: tokens per chunk of the head + cross-entropy (``None``: the whole batch at
         once, through the model's logits).
@@ -88,7 +89,10 @@ def causal_lm_loss(apply_fn: Callable, *, dropout: float = 0.0, chunk_size: int 
         if "attention_mask" in batch:
             kwargs["attention_mask"] = batch["attention_mask"]
         if rng is not None and dropout > 0:
-            kwargs["rngs"] = {"dropout": rng}
+            if getattr(forward, "_jlora_nnx", False):  # Flax NNX: jlora.lora(graphdef)
+                kwargs["dropout_rng"] = rng
+            else:
+                kwargs["rngs"] = {"dropout": rng}
         labels = batch.get("labels", ids)
         mask = labels != IGNORE_INDEX
         for name in ("attention_mask", "loss_mask"):

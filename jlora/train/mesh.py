@@ -192,6 +192,10 @@ def param_specs(params: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) 
       >>> s["kernel"], s["kernel_lora_a"], s["kernel_lora_b"]
       (P('fsdp', 'tensor'), P('fsdp', None), P(None, 'tensor'))
     """
+    if P.is_nnx_state(params):  # Flax NNX: a State of specs (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        return nnx_tree.like(params, param_specs(nnx_tree.to_pure(params), mesh, rules))
     compiled = check_rules(rules, mesh)
     tree = P.params_of(params)
     shapes = {path: tuple(np.shape(P.unbox(leaf))) for path, leaf in P.leaves_with_paths(tree)
@@ -337,6 +341,8 @@ def put(tree: Any, shardings: Any) -> Any:
             return x
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return jax.jit(lambda y: y, out_shardings=s)(x)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.device_put(x, s)  # a typed key (an NNX rng stream's): no host copy
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 

@@ -94,7 +94,8 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
     ``params``; each keeps the shards of its devices).
 
     Args:
-      params: the output of :func:`jlora.inject` (variables dict or bare tree).
+      params: the output of :func:`jlora.inject` (variables dict or bare tree, or an
+        ``nnx.State``: carried as its pure dict, which ``jlora.lora(graphdef)`` takes).
       tx: the optimizer for the adapters (e.g. ``optax.adamw(1e-3)``, or
         ``jlora.optimizer(...)`` of it).
       key: a JAX PRNG key, the root of the dropout rngs.
@@ -126,6 +127,10 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
     check_key(key)
     mesh = mesh or M.single_device_mesh()
     precision = precision or Precision()
+    if P.is_nnx_state(params):  # Flax NNX: carried as its pure dict (jlora/nnx_tree.py)
+        from jlora import nnx_tree
+
+        params = nnx_tree.to_pure(params)
     params = jax.tree.map(P.unbox, params, is_leaf=P.is_box)
     shardings = M.named(mesh, M.param_specs(params, mesh, rules))
     if train == "all":
