@@ -17,6 +17,7 @@ from jlora.inject import Plan, PlanEntry, inject, plan
 from jlora.layout import LayerInfo, Layout, layout
 from jlora.merge import delta, merge, unmerge
 from jlora.optim import Summary, combine, labels, optimizer, split, summary
+from jlora.quant import NF4, dequantize, quantize
 
 __version__ = "0.1.0"
 
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 def __getattr__(name):  # lazy sub-packages: jlora.hf, jlora.models, jlora.train, jlora.checkpoint
     import importlib
 
-    if name in ("hf", "models", "train", "checkpoint"):
+    if name in ("hf", "models", "train", "checkpoint", "quant"):
         return importlib.import_module(f"jlora.{name}")
     raise AttributeError(f"module 'jlora' has no attribute {name!r}")
 
@@ -34,11 +35,13 @@ __all__ = [
     "LayerInfo",
     "Layout",
     "LoraConfig",
+    "NF4",
     "Plan",
     "PlanEntry",
     "Summary",
     "combine",
     "delta",
+    "dequantize",
     "errors",
     "inject",
     "labels",
@@ -47,6 +50,7 @@ __all__ = [
     "merge",
     "optimizer",
     "plan",
+    "quantize",
     "split",
     "summary",
     "unmerge",

@@ -24,6 +24,7 @@ __all__ = [
     "MeshError",
     "TrainingError",
     "DataError",
+    "QuantizationError",
 ]
 
 
@@ -104,3 +105,9 @@ class TrainingError(JloraError, RuntimeError):
 
 class DataError(JloraError, ValueError):
     """Training or evaluation data is missing, empty, or lacks a field it needs."""
+
+
+class QuantizationError(JloraError, ValueError):
+    """A kernel cannot be quantized (shape, block size, already quantized), a 4-bit
+    checkpoint uses a format jlora does not read, or gradients were asked of a quantized
+    (frozen) leaf."""

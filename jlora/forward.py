@@ -26,6 +26,7 @@ from flax.linen.dtypes import promote_dtype
 from jlora import paths as P
 from jlora.errors import ConfigError, LayoutError, UnconsumedAdapterError
 from jlora.merge import copy_params, fold_copy, fold_modules, merge, weight_norm
+from jlora.quant import dequantize, full, has_quantized, quantized_base
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 # Module paths a nested ``apply`` stands for (a model's scan over identical layers).
@@ -204,15 +205,18 @@ def _interceptor(rate: float, consumed: set[str]) -> Callable:
         if method == "attend" and not isinstance(mod, nn.Embed):
             return next_fun(*args, **kwargs)
         param = "embedding" if isinstance(mod, nn.Embed) else "kernel"
+        # the base's storage: an NF4 kernel (jlora.quant) is dequantized inside the matmul
+        base = quantized_base(mod, method, args, kwargs) or functools.partial(
+            next_fun, *args, **kwargs)
         if mod.scope is None or not mod.has_variable("params", param + P.A_SUFFIX):
-            return next_fun(*args, **kwargs)
+            return base()
         path = ".".join(str(p) for p in mod.scope.path)
         aliases = _ALIASES.get()
         if aliases is None:
             consumed.add(path)
         else:
             consumed.update(f"{a}.{path}" if path else a for a in aliases)
-        y = next_fun(*args, **kwargs)
+        y = base()
         if mod.has_variable("params", param + P.MERGED_SUFFIX):
             return y
         get = lambda suffix: P.unbox(mod.get_variable("params", param + suffix))  # noqa: E731
@@ -227,7 +231,8 @@ def _interceptor(rate: float, consumed: set[str]) -> Callable:
         d = _delta(mod, args, kwargs, xd, a, b, s).astype(y.dtype)
         if not dora:
             return y + d
-        return _dora(mod, args, kwargs, y, d, xd, get(""), a, b, s, get(P.MAGNITUDE_SUFFIX))
+        return _dora(mod, args, kwargs, y, d, xd, full(get("")), a, b, s,
+                     get(P.MAGNITUDE_SUFFIX))
 
     return interceptor
 
@@ -286,10 +291,11 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
     def wrapped(variables, *args, **kwargs):
         # once per trace under jit: Python over the tree's paths
         adapters = P.check_adapters(P.params_of(variables), "lora")
-        if not adapters:
-            return fn(variables, *args, **kwargs)
+        quantized = has_quantized(P.params_of(variables))  # NF4 kernels need the interceptor
+        if not adapters and not (quantized and mode == "intercept"):
+            return fn(dequantize(variables) if quantized else variables, *args, **kwargs)
         if mode == "merge":
-            return fn(merge(variables, unload=True), *args, **kwargs)
+            return fn(dequantize(merge(variables, unload=True)), *args, **kwargs)
         if any(ad.kind == "copy" and not ad.merged for ad in adapters.values()):
             variables = P.with_params(variables, _read_copies(P.params_of(variables)))
         consumed: set[str] = set()

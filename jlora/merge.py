@@ -15,6 +15,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jlora import paths as P
+from jlora.quant.nf4 import full  # an NF4 kernel (jlora.quant) merges as its dequantized array
 
 
 def delta_w(a: Any, b: Any, scale: Any, dtype: Any = None) -> Any:
@@ -45,7 +46,7 @@ def weight_norm(kernel: Any, a: Any, b: Any, scale: Any) -> Any:
       >>> weight_norm(jnp.ones((4, 3)), jnp.zeros((4, 2)), jnp.zeros((2, 3)), 1.0)
       Array([2., 2., 2.], dtype=float32)
     """
-    w, d = P.unbox(kernel), delta_w(a, b, scale)
+    w, d = full(P.unbox(kernel)), delta_w(a, b, scale)
     return _column_norm(w.astype(jnp.promote_types(w.dtype, d.dtype)) + d, P.unbox(a).ndim - 1)
 
 
@@ -56,7 +57,7 @@ def _rebox(leaf: Any, value: Any) -> Any:
 def _dora_weights(leaves: dict[str, Any], param: str, d: Any) -> tuple[Any, Any, Any]:
     """``(unmerged W, merged W, weight norm)`` of a DoRA adapter whose ``scale * A @ B`` is
     ``d``, in the promoted dtype: merged is ``m / n * (W + d)``."""
-    w = P.unbox(leaves[param])
+    w = full(P.unbox(leaves[param]))
     w = w.astype(jnp.promote_types(w.dtype, d.dtype))
     m = P.unbox(leaves[param + P.MAGNITUDE_SUFFIX])
     if param + P.NORM_SUFFIX in leaves:  # merged: the param holds m / n * (W + d)
@@ -77,7 +78,7 @@ def _fold_adapter(out: dict[str, Any], param: str, into: bool) -> None:
     if param + src not in out:
         return  # already in the wanted state
     kernel = out[param]
-    w = P.unbox(kernel)
+    w = full(P.unbox(kernel))
     d = delta_w(out[param + P.A_SUFFIX], out[param + P.B_SUFFIX], out[param + src])
     if param + P.MAGNITUDE_SUFFIX not in out:
         new = w.astype(jnp.promote_types(w.dtype, d.dtype)) + (d if into else -d)
@@ -139,13 +140,16 @@ def fold_modules(tree: Any, *, into: bool, unload: bool = False,
     return P.map_modules(tree, fn)
 
 
-def merge(params: Any, *, unload: bool = False) -> Any:
+def merge(params: Any, *, unload: bool = False, requantize: bool = False) -> Any:
     """Folds every active adapter into its kernel: ``W + scale * A @ B``.
 
     Args:
       params: an adapted tree (variables dict or bare params).
       unload: drop the adapter leaves (PEFT's ``merge_and_unload``); otherwise keep them,
         marked merged, so that :func:`unmerge` restores the tree.
+      requantize: an adapted NF4 kernel (:func:`jlora.quantize`) merges as its dequantized
+        kernel plus the update, in full precision; with ``requantize`` it is quantized again
+        with its own settings (QLoRA's 4-bit merged model).
 
     Returns:
       The same kind of tree; ``model.apply(merge(p), x) == lora(model.apply)(p, x)``.
@@ -166,7 +170,12 @@ def merge(params: Any, *, unload: bool = False) -> Any:
     """
     tree = P.params_of(params)
     P.require_adapters(tree, "merge")
-    return P.with_params(params, fold_modules(tree, into=True, unload=unload))
+    out = fold_modules(tree, into=True, unload=unload)
+    if requantize:
+        from jlora.quant.tree import requantize_like
+
+        out = requantize_like(out, tree)
+    return P.with_params(params, out)
 
 
 def unmerge(params: Any) -> Any:

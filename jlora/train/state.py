@@ -123,7 +123,7 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
     check_key(key)
     mesh = mesh or M.single_device_mesh()
     precision = precision or Precision()
-    params = jax.tree.map(P.unbox, params, is_leaf=P.is_box)
+    params = jax.tree.map(P.unbox, params, is_leaf=P.is_leaf)
     shardings = M.named(mesh, M.param_specs(params, mesh, rules))
     if train == "all":
         _check_full(params)
