@@ -20,6 +20,7 @@ from jlora.hf.load import param_shapes
 from jlora.hf.output import MERGED_METADATA, MERGED_MODEL, check_target, write_output
 from jlora.merge import fold_modules
 from jlora.models import arch_spec
+from jlora.quant.tree import dequantize
 
 _MAX_LISTED = 10
 _HF_FLOATS = ("float32", "float16", "bfloat16")  # the floating dtypes transformers stores
@@ -106,7 +107,7 @@ def save_merged(
     # merge(..., unload=True) without its no-adapters error: a base tree passes unchanged
     tree = P.params_of(meta.unbox(params))
     P.check_adapters(tree, "save_merged")
-    tree = fold_modules(tree, into=True, unload=True)
+    tree = dequantize(fold_modules(tree, into=True, unload=True))  # NF4 kernels: full arrays
     flat = {
         tuple(str(k.key) for k in keypath): leaf
         for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
