@@ -77,7 +77,8 @@ def parts_of_index(index: dict[str, TensorInfo], where: str
         try:
             state = json.loads(bytes(np.asarray(raw, np.uint8)).decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise HFError(f"{where}: {key!r} is not bitsandbytes' JSON quant state ({e}).") from None
+            raise HFError(f"{where}: {key!r} is not bitsandbytes' JSON quant state "
+                          f"({e}).") from None
         if state.get("quant_type", qt) != qt or state.get("dtype") not in _DTYPES:
             raise QuantizationError(f"{where}: {key!r} has quant state {state}; jlora reads "
                                     f"{sorted(CODES)} with dtype in {sorted(_DTYPES)}.")

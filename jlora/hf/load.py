@@ -16,8 +16,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jlora import schema
 from jlora.errors import HFError
-from jlora.hf.io import TensorInfo, checkpoint_index, hf_layout_shape, read_tensor
 from jlora.hf import bnb
+from jlora.hf.io import TensorInfo, checkpoint_index, hf_layout_shape, read_tensor
 from jlora.hf.output import note_source
 from jlora.models import arch_spec
 from jlora.models.base import ArchSpec, ParamPath

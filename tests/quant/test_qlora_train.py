@@ -1,0 +1,87 @@
+"""A QLoRA train step: memory from the compiled step, loss falls, checkpoints resume exactly."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import jlora
+from jlora.models.llama import DecoderConfig, LlamaForCausalLM
+
+
+def _setup(hidden=32, inter=64, layers=2, vocab=64, seq=16, batch=4, quantize=True):
+    cfg = DecoderConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=hidden // 4, rms_norm_eps=1e-6,
+                        rope_inv_freq=tuple(10.0 ** -i for i in range(hidden // 8)))
+    model = LlamaForCausalLM(cfg)
+    data = jlora.train.SyntheticTokens(vocab_size=vocab, seq_len=seq, batch_size=batch)
+    variables = model.init(jax.random.key(0), data.batch(0)["input_ids"])
+    base = jlora.quantize(variables) if quantize else variables
+    lcfg = jlora.LoraConfig(rank=4, alpha=8, targets="all-linear")
+    params = jlora.inject(base, lcfg, jax.random.key(1))
+    tx = optax.adam(1e-2)
+    state, frozen, sh = jlora.train.init(params, tx, jax.random.key(2))
+    step = jlora.train.make_train_step(jlora.train.causal_lm_loss(model.apply), tx, sh)
+    return model, data, lcfg, state, frozen, sh, step, variables
+
+
+def _mem(step, state, frozen, batch):
+    return step.lower(state, frozen, batch).compile().memory_analysis()
+
+
+def test_quantized_weights_in_the_step_arguments():
+    model, data, _, state, frozen, sh, step, variables = _setup(hidden=128, inter=256)
+    batch = jlora.train.shard_batch(data.batch(0), sh.batch)
+    _, full_frozen, _ = jlora.train.init(
+        jlora.inject(variables, jlora.LoraConfig(rank=4, alpha=8, targets="all-linear"),
+                     jax.random.key(1)), optax.adam(1e-2), jax.random.key(2))
+    q = _mem(step, state, frozen, batch).argument_size_in_bytes
+    _, _, _, s2, f2, _, step2, _ = _setup(hidden=128, inter=256, quantize=False)
+    f = _mem(step2, s2, f2, batch).argument_size_in_bytes
+    kernels = sum(x.size * 4 for x in jax.tree.leaves(frozen, is_leaf=jlora.quant.is_quantized)
+                  if jlora.quant.is_quantized(x))
+    nf4 = sum(x.nbytes for x in jax.tree.leaves(frozen, is_leaf=jlora.quant.is_quantized)
+              if jlora.quant.is_quantized(x))
+    assert nf4 <= 0.16 * kernels
+    assert f - q == kernels - nf4  # the arguments differ by exactly the quantized kernels
+
+
+@pytest.mark.xfail(strict=True, reason="not yet met: XLA keeps every layer's dequantized "
+                   "kernels alive in the step's temporaries (measured 9.65 MB for 4 layers of "
+                   "2.36 MB; 4.76 MB for 2), despite the custom_vjp's barriers")
+def test_temporaries_hold_one_layer_of_dequantized_kernels():
+    hidden, inter, layers = 256, 512, 4
+    model, data, _, state, frozen, sh, step, _ = _setup(hidden, inter, layers, seq=8, batch=1)
+    batch = jlora.train.shard_batch(data.batch(0), sh.batch)
+    temp = _mem(step, state, frozen, batch).temp_size_in_bytes
+    kv = 2 * hidden * (hidden // 2)  # k_proj and v_proj are (hidden, kv heads * head_dim)
+    per_layer = 4 * (2 * hidden * hidden + kv + 3 * hidden * inter)
+    # one layer's dequantized kernels at most (plus small activations): one more would show
+    assert temp < 2 * per_layer, (temp, per_layer)
+
+
+def test_loss_falls_and_checkpoint_resumes_exactly(tmp_path):
+    model, data, lcfg, state, frozen, sh, step, _ = _setup()
+    batch = jlora.train.shard_batch(data.batch(0), sh.batch)
+    losses = []
+    ckpt = jlora.checkpoint.Checkpointer(tmp_path / "ckpt", lcfg, keep=2)
+    for i in range(6):
+        state, m = step(state, frozen, batch)
+        losses.append(float(m["loss"]))
+        if i == 2:
+            ckpt.save(3, state)
+            ckpt.wait()
+    assert losses[-1] < losses[0] - 0.1
+    restored, _ = ckpt.restore(jlora.train.abstract(state, sh), step=3)
+    ckpt.close()
+    again = []
+    for _ in range(3):
+        restored, m = step(restored, frozen, batch)
+        again.append(float(m["loss"]))
+    assert again == losses[3:]
+    np.testing.assert_array_equal(
+        np.asarray(restored.params["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]
+                   ["kernel_lora_b"]),
+        np.asarray(state.params["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]
+                   ["kernel_lora_b"]))
