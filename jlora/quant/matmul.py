@@ -1,12 +1,14 @@
 """The base's storage in the adapted layer: ``x @ W`` for an NF4 kernel, dequantized on the fly.
 
 :func:`dot` is a ``jax.custom_vjp`` whose only residual is the NF4 leaf itself: the backward
-pass dequantizes the kernel again (behind an optimization barrier tied to the incoming
-gradient, so XLA can neither share the forward's copy nor hoist it), and the forward
-dequantizes after the layer's input exists (the same barrier on the input). So no
-full-precision copy of a quantized kernel lives longer than its own matmul, forward or
-backward. Gradients never reach the NF4 leaf: asking for them (differentiating w.r.t. its
-scales, or with ``allow_int``) is a :class:`~jlora.errors.QuantizationError`.
+pass dequantizes the kernel again, and each dequantization is made to depend on the
+matmul's other operand (the input forward, the incoming gradient backward: ``0 * t[0]``
+added to the block scales). Without that dependency XLA computes every layer's weight at
+the start of the step and shares it between forward and backward (optimization barriers
+do not survive its CPU pipeline's CSE), so all of them live through the step; with it no
+full-precision copy of a quantized kernel lives longer than its own matmul. Gradients
+never reach the NF4 leaf: asking for them (differentiating w.r.t. its scales, or with
+``allow_int``) is a :class:`~jlora.errors.QuantizationError`.
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ def _perturbed(tree: Any) -> bool:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _dot(x: jax.Array, q: NF4, precision: Any) -> jax.Array:
-    x, q = jax.lax.optimization_barrier((x, q))  # dequantize once x exists, not earlier
-    w = dequantize_transposed(q, x.dtype)  # (out, in)
+    w = dequantize_transposed(q, x.dtype, after=x)  # (out, in), once x exists
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
 
 
@@ -54,8 +55,7 @@ def _dot_bwd(precision, res, g):
     q, like = res
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None
-    g, q = jax.lax.optimization_barrier((g, q))  # a fresh copy, after the gradient arrives
-    w = dequantize_transposed(q, like.dtype)  # (out, in)
+    w = dequantize_transposed(q, like.dtype, after=g)  # a fresh copy, once g arrives
     dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (0,)), ((), ())), precision=precision)
     return dx.astype(like.dtype), None
 

@@ -234,12 +234,23 @@ def block_scales(q: NF4) -> jax.Array:
     return jnp.asarray(dynamic_map())[q.absmax.astype(jnp.int32)] * nested + q.offset
 
 
-def dequantize_transposed(q: NF4, dtype: Any = None) -> jax.Array:
-    """The weight in bitsandbytes' ``(out, in)`` layout (the kernel's transpose)."""
-    scales = block_scales(q)
-    codes = q.codes.astype(jnp.int32)
+def dequantize_transposed(q: NF4, dtype: Any = None, after: jax.Array | None = None
+                          ) -> jax.Array:
+    """The weight in bitsandbytes' ``(out, in)`` layout (the kernel's transpose).
+
+    ``after``: an array the result is made to depend on (its first element times zero is
+    added to the packed codes and the scales), so that XLA computes the weight only once
+    ``after`` exists and cannot merge any part of this copy with another (see
+    :mod:`jlora.quant.matmul`).
+    """
+    scales, codes = block_scales(q), q.codes
+    table = jnp.asarray(CODES[q.quant_type])
+    if after is not None:
+        tie = after.reshape(-1)[0].astype(jnp.float32) * jnp.float32(0.0)
+        scales, codes = scales + tie, codes + tie.astype(codes.dtype)
+    codes = codes.astype(jnp.int32)
     idx = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(-1, q.block_size)
-    w = jnp.asarray(CODES[q.quant_type])[idx] * scales[:, None]
+    w = table[idx] * scales[:, None]
     return w.reshape(q.shape[::-1]).astype(dtype or q.dtype)
 
 
