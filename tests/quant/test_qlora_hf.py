@@ -118,3 +118,26 @@ def test_unsupported_4bit_checkpoints(q4, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(QuantizationError, match="8-bit"):
         jlora.hf.load(bad)
+
+
+@pytest.mark.parametrize("bnb_4bit", [False, True])
+def test_save_merged_loads_in_transformers(q4, tmp_path, bnb_4bit):
+    model, params, hf_config = jlora.hf.load(q4 / "q4")
+    config = jlora.LoraConfig(rank=4, alpha=8, targets=["q_proj", "up_proj"], init="random")
+    p = jlora.inject(params, config, jax.random.key(3))
+    out = jlora.hf.save_merged(model, p, hf_config, tmp_path / "merged", bnb_4bit=bnb_4bit)
+    cfg = json.loads((out / "config.json").read_text())
+    assert ("quantization_config" in cfg) == bnb_4bit
+    got = _load_4bit(out) if bnb_4bit else tf.AutoModelForCausalLM.from_pretrained(out).eval()
+    ref = _logits(got)
+    if bnb_4bit:  # the merged kernels were quantized again: jlora's requantized tree
+        want = jlora.lora(model.apply)(jlora.merge(p, unload=True, requantize=True), IDS)
+        # the unadapted kernels are the checkpoint's own bytes
+        _, back, _ = jlora.hf.load(out)
+        a = back["params"]["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
+        b = params["params"]["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
+        np.testing.assert_array_equal(np.asarray(a.codes), np.asarray(b.codes))
+    else:
+        want = jlora.lora(model.apply)(p, IDS)
+    want = np.asarray(want)
+    assert np.abs(ref - want).max() <= 1e-4 * np.abs(want).max()
