@@ -108,3 +108,23 @@ def test_grads_for_an_nf4_leaf_are_an_error():
     trainable, frozen = jlora.split(p)  # the adapters alone: fine
     g = jax.grad(lambda t: loss(jlora.combine(t, frozen)))(trainable)
     assert g["params"]["kernel_lora_b"].shape == (2, 4)
+
+
+def test_inits_that_rewrite_the_kernel_refuse_nf4():
+    q = jlora.quantize({"q": {"kernel": jnp.ones((64, 8))}}, ["q"])
+    with pytest.raises(jlora.errors.ConfigError, match="quantized"):
+        jlora.inject(q, jlora.LoraConfig(rank=2, targets=["q"], init="pissa"), jax.random.key(0))
+
+
+def test_dora_on_nf4_matches_the_dequantized_model():
+    import flax.linen as nn
+
+    model, x = nn.Dense(8), jnp.ones((2, 64))
+    q = jlora.quantize(model.init(jax.random.key(0), x), ".*")
+    cfg = jlora.LoraConfig(rank=2, targets=".*", use_dora=True, init="random")
+    p = jlora.inject(q, cfg, jax.random.key(1))
+    y = jlora.lora(model.apply)(p, x)
+    want = model.apply(jlora.merge(jlora.dequantize(p), unload=True), x)
+    assert float(jnp.abs(y - want).max()) < 1e-4
+    back = jlora.merge(p, unload=True, requantize=True)
+    assert isinstance(back["params"]["kernel"], NF4)

@@ -87,3 +87,28 @@ def test_loss_falls_and_checkpoint_resumes_exactly(tmp_path):
                    ["kernel_lora_b"]),
         np.asarray(state.params["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]
                    ["kernel_lora_b"]))
+
+
+def test_sharded_bf16_accumulated_step():
+    cfg = DecoderConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, rms_norm_eps=1e-6,
+                        rope_inv_freq=tuple(10.0 ** -i for i in range(8)))
+    model = LlamaForCausalLM(cfg)
+    data = jlora.train.SyntheticTokens(vocab_size=64, seq_len=16, batch_size=8)
+    v = jlora.quantize(model.init(jax.random.key(0), data.batch(0)["input_ids"]))
+    p = jlora.inject(v, jlora.LoraConfig(rank=4, alpha=8, targets="all-linear"),
+                     jax.random.key(1))
+    mesh = jlora.train.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tx, prec = optax.adam(1e-2), jlora.train.Precision.bf16()
+    state, frozen, sh = jlora.train.init(p, tx, jax.random.key(2), mesh=mesh, precision=prec)
+    q = frozen["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(q, jlora.NF4) and q.codes.sharding.is_fully_replicated
+    step = jlora.train.make_train_step(jlora.train.causal_lm_loss(model.apply), tx, sh,
+                                       accum_steps=2, precision=prec)
+    batch = jlora.train.shard_batch(data.batch(0), sh.batch, multiple=2)
+    losses = []
+    for _ in range(3):
+        state, m = step(state, frozen, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < losses[0] and step.trace_count == 1
