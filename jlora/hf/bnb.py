@@ -19,7 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.errors import HFError, QuantizationError
+from jlora.errors import HFError
 from jlora.hf.io import LazyTensor, TensorInfo, read_tensor
 from jlora.quant.nf4 import CODES, NF4, dynamic_map
 
@@ -38,14 +38,14 @@ def check_config(hf_config: Mapping[str, Any], where: str) -> dict[str, Any] | N
             "load_in_4bit"):
         method = qc.get("quant_method") if isinstance(qc, Mapping) else qc
         eight = isinstance(qc, Mapping) and qc.get("load_in_8bit")
-        raise QuantizationError(
-            f"{where}: quantization_config is {method!r}{' 8-bit' if eight else ''}; jlora "
+        raise HFError(
+            f"{where}: quantization_config={method!r}{' 8-bit' if eight else ''}; jlora "
             "reads bitsandbytes 4-bit (NF4/FP4) checkpoints only. Load it in transformers, "
             "call model.dequantize() and save_pretrained the result.")
     qt = qc.get("bnb_4bit_quant_type", "fp4")
     if qt not in CODES:
-        raise QuantizationError(f"{where}: bnb_4bit_quant_type={qt!r}; jlora reads NF4 and FP4 "
-                                "4-bit checkpoints only.")
+        raise HFError(f"{where}: quantization_config.bnb_4bit_quant_type={qt!r}; jlora reads "
+                      "bitsandbytes NF4 and FP4 4-bit checkpoints only.")
     return dict(qc)
 
 
@@ -70,7 +70,7 @@ def parts_of_index(index: dict[str, TensorInfo], where: str
     for key in states:
         name, _, qt = key.partition(_STATE)
         if qt not in CODES:
-            raise QuantizationError(
+            raise HFError(
                 f"{where}: {key!r} holds a 4-bit weight of quant type {qt!r}; jlora reads "
                 "bitsandbytes NF4 and FP4 only (requantize it as nf4 in transformers).")
         raw = read_tensor(index[key])
@@ -80,7 +80,7 @@ def parts_of_index(index: dict[str, TensorInfo], where: str
             raise HFError(f"{where}: {key!r} is not bitsandbytes' JSON quant state "
                           f"({e}).") from None
         if state.get("quant_type", qt) != qt or state.get("dtype") not in _DTYPES:
-            raise QuantizationError(f"{where}: {key!r} has quant state {state}; jlora reads "
+            raise HFError(f"{where}: {key!r} has quant state {state}; jlora reads "
                                     f"{sorted(CODES)} with dtype in {sorted(_DTYPES)}.")
         extra = {s: out.pop(name + s) for s in _SUFFIXES if name + s in out}
         out.pop(key)
@@ -96,7 +96,7 @@ def parts_of_index(index: dict[str, TensorInfo], where: str
 
 def _check_map(got: np.ndarray, want: np.ndarray, what: str) -> None:
     if got.shape != want.shape or not np.array_equal(got.astype(np.float32), want):
-        raise QuantizationError(f"{what} differs from bitsandbytes' code book; jlora reads "
+        raise HFError(f"{what} differs from bitsandbytes' code book; jlora reads "
                                 "checkpoints made with bitsandbytes' standard NF4/FP4 maps.")
 
 
@@ -105,7 +105,7 @@ def read_nf4(parts: Parts, converted_shape: tuple[int, ...], transposed: bool,
     """The NF4 leaf of one stored 4-bit weight: its bytes as they are, never dequantized."""
     s, name = parts.state, parts.weight.name
     if not transposed or len(converted_shape) != 2:
-        raise QuantizationError(f"{name!r}: jlora reads 4-bit weights of nn.Linear layers "
+        raise HFError(f"{name!r}: jlora reads 4-bit weights of nn.Linear layers "
                                 "(an (out, in) weight that becomes an (in, out) kernel) only.")
     qt, block = s["quant_type"], int(s["blocksize"])
     _check_map(read_tensor(parts.extra[".quant_map"]), CODES[qt], f"{name}.quant_map")
@@ -114,7 +114,7 @@ def read_nf4(parts: Parts, converted_shape: tuple[int, ...], transposed: bool,
     nested = offset = None
     if ".nested_absmax" in parts.extra:
         if int(s.get("nested_blocksize", 256)) != 256:
-            raise QuantizationError(f"{name!r}: nested_blocksize {s['nested_blocksize']}; "
+            raise HFError(f"{name!r}: nested_blocksize {s['nested_blocksize']}; "
                                     "jlora reads bitsandbytes' 256.")
         _check_map(read_tensor(parts.extra[".nested_quant_map"]), dynamic_map(),
                    f"{name}.nested_quant_map")

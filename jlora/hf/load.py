@@ -205,6 +205,13 @@ def load(path: str | os.PathLike, dtype: Any = None, *,
     # Cheap checks first: the headers against the sizes config.json gives, before any tensor
     # is read (but a tied head's, below) and before the model is built or traced.
     index, packed = bnb.parts_of_index(checkpoint_index(path), repr(str(path)))
+    if quant_cfg and not packed:
+        raise HFError(
+            f"{where}: quantization_config={quant_cfg!r:.80} says bitsandbytes 4-bit, but the "
+            "checkpoint holds no 4-bit weights (no '<name>.weight.quant_state.bitsandbytes__"
+            "nf4' entries). Remove quantization_config from config.json, or keep the "
+            "checkpoint transformers saved with it; to quantize while loading pass "
+            "quantize=True.")
     layers = spec.num_layers(hf_config)
     if layers > len(index):  # every layer has tensors of its own: do not list them all
         raise HFError(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora.errors import QuantizationError
+from jlora.errors import HFError
 from jlora.quant import NF4
 
 torch = pytest.importorskip("torch")
@@ -111,13 +111,26 @@ def test_unsupported_4bit_checkpoints(q4, tmp_path):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["quantization_config"] |= {"bnb_4bit_quant_type": "int4"}
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(QuantizationError, match="NF4 and FP4"):
+    with pytest.raises(HFError, match="NF4 and FP4"):
         jlora.hf.load(bad)
     cfg["quantization_config"] |= {"load_in_4bit": False, "load_in_8bit": True,
                                    "bnb_4bit_quant_type": "nf4"}
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(QuantizationError, match="8-bit"):
+    with pytest.raises(HFError, match="8-bit"):
         jlora.hf.load(bad)
+    # a 4-bit weight of another quant type in the safetensors
+    from safetensors.numpy import load_file
+
+    from jlora.hf.io import SINGLE_FILE, write_safetensors
+
+    other = tmp_path / "int4"
+    shutil.copytree(q4 / "q4", other)
+    tensors = load_file(other / SINGLE_FILE)
+    key = next(k for k in tensors if k.endswith("bitsandbytes__nf4"))
+    tensors[key.replace("__nf4", "__int4")] = tensors.pop(key)
+    write_safetensors(other / SINGLE_FILE, tensors)
+    with pytest.raises(HFError, match="quant type 'int4'.*NF4 and FP4"):
+        jlora.hf.load(other)
 
 
 @pytest.mark.parametrize("bnb_4bit", [False, True])
