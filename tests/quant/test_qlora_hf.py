@@ -133,6 +133,7 @@ def test_unsupported_4bit_checkpoints(q4, tmp_path):
         jlora.hf.load(other)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bnb_4bit", [False, True])
 def test_save_merged_loads_in_transformers(q4, tmp_path, bnb_4bit):
     model, params, hf_config = jlora.hf.load(q4 / "q4")

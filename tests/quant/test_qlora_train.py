@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import optax
+import pytest
 
 import jlora
 from jlora.models.llama import DecoderConfig, LlamaForCausalLM
@@ -29,6 +30,7 @@ def _mem(step, state, frozen, batch):
     return step.lower(state, frozen, batch).compile().memory_analysis()
 
 
+@pytest.mark.slow
 def test_quantized_weights_in_the_step_arguments():
     model, data, _, state, frozen, sh, step, variables = _setup(hidden=128, inter=256)
     batch = jlora.train.shard_batch(data.batch(0), sh.batch)
@@ -46,6 +48,7 @@ def test_quantized_weights_in_the_step_arguments():
     assert f - q == kernels - nf4  # the arguments differ by exactly the quantized kernels
 
 
+@pytest.mark.slow
 def test_temporaries_hold_one_layer_of_dequantized_kernels():
     hidden, inter, layers = 256, 512, 4
     temps = {}
@@ -89,6 +92,7 @@ def test_loss_falls_and_checkpoint_resumes_exactly(tmp_path):
                    ["kernel_lora_b"]))
 
 
+@pytest.mark.slow
 def test_sharded_bf16_accumulated_step():
     cfg = DecoderConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
