@@ -8,6 +8,10 @@ first rounds are warm-up; the table gives medians over the timed rounds:
 * **jlora LoRA**: jlora's default path, ``jlora.train.init`` + ``make_train_step`` over
   ``jlora.train.causal_lm_loss`` of jlora's Llama (``jlora.lora`` inside), rank 8 on all
   seven projections.
+* **jlora QLoRA**: the same, on the same model with its linear kernels in NF4
+  (``jlora.quantize``, double quantization): the step's time and its argument and
+  temporary bytes against jlora LoRA on the full-precision base (the ``vs jlora LoRA``
+  column and the bytes table).
 * **jlora full fine-tuning**: the same model and loss, every param trained, one jitted
   step with params and optimizer state donated.
 * **qwix LoRA**: the same Flax model through ``qwix.apply_lora_to_model`` (same rank, alpha
@@ -59,7 +63,8 @@ PRESETS = {
 # (jlora.train.reuse_host_memory); PyTorch's CPU allocator returns freed blocks to the OS,
 # and their page faults cost PEFT 0.5-1.6 s of system time per step here, varying run to
 # run: with the same settings as jlora, that cost is gone and the comparison is like for like.
-CONTENDERS = ("jlora LoRA", "jlora full FT", "qwix LoRA", "PEFT LoRA", "PEFT LoRA, memory kept")
+CONTENDERS = ("jlora LoRA", "jlora QLoRA", "jlora full FT", "qwix LoRA", "PEFT LoRA",
+              "PEFT LoRA, memory kept")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -106,7 +111,7 @@ def _compiled_info(lowered, t0: float) -> tuple:
     return compiled, info
 
 
-def jlora_lora(p: dict):
+def jlora_lora(p: dict, quantize: bool = False):
     import jax
     import optax
 
@@ -115,6 +120,8 @@ def jlora_lora(p: dict):
     model = _jax_model(p)
     ids = token_ids(p)
     variables = jax.jit(model.init)(jax.random.key(1), ids[:1])
+    if quantize:  # QLoRA: NF4 with double quantization, all linear kernels but the head
+        variables = jlora.quantize(variables)
     cfg = jlora.LoraConfig(rank=p["rank"], alpha=2 * p["rank"], targets=list(TARGETS))
     params = jlora.inject(variables, cfg, jax.random.key(2))
     precision = jlora.train.Precision(p["dtype"], p["dtype"])
@@ -240,8 +247,13 @@ def peft_lora(p: dict):
     return run, info, None
 
 
-BUILDERS = {"jlora LoRA": jlora_lora, "jlora full FT": jlora_full, "qwix LoRA": qwix_lora,
-            "PEFT LoRA": peft_lora, "PEFT LoRA, memory kept": peft_lora}
+def jlora_qlora(p: dict):
+    """jlora's LoRA step on the same model with its linear kernels in NF4 (QLoRA)."""
+    return jlora_lora(p, quantize=True)
+
+
+BUILDERS = {"jlora LoRA": jlora_lora, "jlora QLoRA": jlora_qlora, "jlora full FT": jlora_full,
+            "qwix LoRA": qwix_lora, "PEFT LoRA": peft_lora, "PEFT LoRA, memory kept": peft_lora}
 
 
 # --------------------------------------------------------------------------- matmul ceiling
@@ -544,9 +556,9 @@ def markdown(report: dict) -> str:
              f"{report['warmup']} warm-up + {report['rounds']} timed rounds, every round in a "
              f"new random order with {report['pause_s']} s between steps; medians.", "",
              "| contender | s/step | vs PEFT | vs PEFT, memory kept | vs qwix | "
-             "vs jlora full FT | GFLOP/step | GFLOP/s | % of matmul ceiling | "
+             "vs jlora full FT | vs jlora LoRA | GFLOP/step | GFLOP/s | % of matmul ceiling | "
              "user+sys CPU s | sys s | page faults | others' CPU s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, c in cs.items():
         fl = c["info"].get("flops")
         has = fl is not None and fl == fl
@@ -556,20 +568,22 @@ def markdown(report: dict) -> str:
             f"| {name} | {c['wall']:.3f} | {c['wall'] / ref('PEFT LoRA'):.2f} | "
             f"{c['wall'] / ref('PEFT LoRA, memory kept'):.2f} | "
             f"{c['wall'] / ref('qwix LoRA'):.2f} | {c['wall'] / ref('jlora full FT'):.2f} | "
-            f"{gf} | {f'{rate:.0f}' if rate else '–'} | "
+            f"{c['wall'] / ref('jlora LoRA'):.2f} | {gf} | {f'{rate:.0f}' if rate else '–'} | "
             f"{f'{100 * rate / ceil:.0f}%' if rate else '–'} | {c['user'] + c['sys']:.2f} | "
             f"{c['sys']:.2f} | {c['faults']:.0f} | {c['foreign_cpu']:.2f} |")
     for name, err in report["errors"].items():
-        lines.append(f"| {name} | failed: {err.splitlines()[-1][:100]} |" + " |" * 12)
+        lines.append(f"| {name} | failed: {err.splitlines()[-1][:100]} |" + " |" * 13)
     lines += ["", f"Matmul ceiling (the step's matmul shapes, each timed alone, FLOP-weighted): "
               f"JAX {ceil:.0f} GFLOP/s, PyTorch {report['ceiling']['torch_gflops']:.0f} "
               "GFLOP/s.", "",
-              "| contender | compiled GFLOP | GB accessed | temp GB | trace+lower s | compile s |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| contender | compiled GFLOP | GB accessed | argument GB | temp GB | "
+              "trace+lower s | compile s |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, c in cs.items():
         i = c["info"]
         if "flops" in i:
             lines.append(f"| {name} | {i['flops'] / 1e9:.1f} | {i['bytes_accessed'] / 1e9:.2f}"
+                         f" | {i.get('argument_bytes', float('nan')) / 1e9:.3f}"
                          f" | {i['temp_bytes'] / 1e9:.2f} | {i['trace_lower_s']:.1f} | "
                          f"{i['compile_s']:.1f} |")
     lines += ["", "| matmul | count | m x k x n | JAX GFLOP/s | PyTorch GFLOP/s |",

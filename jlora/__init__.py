@@ -18,6 +18,7 @@ from jlora.inject import Plan, PlanEntry, inject, plan
 from jlora.layout import LayerInfo, Layout, layout
 from jlora.merge import delta, merge, unmerge
 from jlora.optim import Summary, combine, labels, optimizer, split, summary
+from jlora.quant import NF4, dequantize, quantize
 from jlora.weighted import add_weighted_adapter
 
 __version__ = "0.1.0"
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 def __getattr__(name):  # lazy sub-packages: jlora.hf, jlora.models, jlora.train, jlora.checkpoint
     import importlib
 
-    if name in ("hf", "models", "train", "checkpoint"):
+    if name in ("hf", "models", "train", "checkpoint", "quant"):
         return importlib.import_module(f"jlora.{name}")
     raise AttributeError(f"module 'jlora' has no attribute {name!r}")
 
@@ -36,6 +37,7 @@ __all__ = [
     "LayerInfo",
     "Layout",
     "LoraConfig",
+    "NF4",
     "Plan",
     "PlanEntry",
     "Summary",
@@ -44,6 +46,7 @@ __all__ = [
     "combine",
     "delete_adapter",
     "delta",
+    "dequantize",
     "errors",
     "inject",
     "labels",
@@ -53,6 +56,7 @@ __all__ = [
     "optimizer",
     "plan",
     "select",
+    "quantize",
     "split",
     "summary",
     "unmerge",

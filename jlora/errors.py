@@ -26,6 +26,7 @@ __all__ = [
     "TrainingError",
     "DataError",
     "NnxStateError",
+    "QuantizationError",
 ]
 
 
@@ -118,3 +119,9 @@ class DataError(JloraError, ValueError):
 class NnxStateError(JloraError, ValueError):
     """A Flax NNX state does not fit the graphdef given to ``jlora.lora(graphdef)`` (it
     belongs to another model), or is not a state jlora can read."""
+
+
+class QuantizationError(JloraError, ValueError):
+    """A kernel cannot be quantized (shape, block size, already quantized), a 4-bit
+    checkpoint uses a format jlora does not read, or gradients were asked of a quantized
+    (frozen) leaf."""

@@ -27,6 +27,7 @@ from jlora import paths as P
 from jlora.adapters import select
 from jlora.errors import ConfigError, LayoutError, UnconsumedAdapterError
 from jlora.merge import copy_params, fold_copy, fold_modules, merge, weight_norm
+from jlora.quant import dequantize, full, has_quantized, quantized_base
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 # Module paths a nested ``apply`` stands for (a model's scan over identical layers).
@@ -281,16 +282,19 @@ def _interceptor(rate: float, consumed: set[str], routes=None) -> Callable:
         if method == "attend" and not isinstance(mod, nn.Embed):
             return next_fun(*args, **kwargs)
         param = "embedding" if isinstance(mod, nn.Embed) else "kernel"
+        # the base's storage: an NF4 kernel (jlora.quant) is dequantized inside the matmul
+        base = quantized_base(mod, method, args, kwargs) or functools.partial(
+            next_fun, *args, **kwargs)
         names = [] if mod.scope is None else _adapter_names_at(mod, param)
         if not names:
-            return next_fun(*args, **kwargs)
+            return base()
         path = ".".join(str(p) for p in mod.scope.path)
         aliases = _ALIASES.get()
         if aliases is None:
             consumed.add(path)
         else:
             consumed.update(f"{a}.{path}" if path else a for a in aliases)
-        y = next_fun(*args, **kwargs)
+        y = base()
         get = lambda suffix, n: P.unbox(  # noqa: E731
             mod.get_variable("params", P.named(param + suffix, n)))
         live = [n for n in names if not mod.has_variable("params",
@@ -321,7 +325,7 @@ def _interceptor(rate: float, consumed: set[str], routes=None) -> Callable:
             if n not in dora:
                 y = y + d
             else:
-                kernel = P.unbox(mod.get_variable("params", param))
+                kernel = full(P.unbox(mod.get_variable("params", param)))
                 y = _dora(mod, args, kwargs, y, d, xd, kernel, a, b, s, get(P.MAGNITUDE_SUFFIX, n))
         return y
 
@@ -436,13 +440,14 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
                 adapters = P.check_adapters(P.params_of(variables), "lora")
             else:
                 routes = _routes(adapter, P.params_of(variables))
-        if not adapters:
-            return fn(variables, *args, **kwargs)
+        quantized = has_quantized(P.params_of(variables))  # NF4 kernels need the interceptor
+        if not adapters and not (quantized and mode == "intercept"):
+            return fn(dequantize(variables) if quantized else variables, *args, **kwargs)
         if mode == "merge":
             if routes is not None:
                 raise ConfigError("mode='merge' forms one merged kernel per call; a mixed-"
                                   "adapter batch needs mode='intercept'.")
-            return fn(merge(variables, unload=True), *args, **kwargs)
+            return fn(dequantize(merge(variables, unload=True)), *args, **kwargs)
         if any(ad.kind == "copy" and not ad.merged for ad in adapters.values()):
             if routes is not None:
                 raise ConfigError("a mixed-adapter batch cannot read trainable copies "

@@ -234,6 +234,12 @@ def _plan(tree: Any, config: LoraConfig, layout: Layout | None, name: str
         if emb:
             raise ConfigError(f"init={config.init!r} decomposes kernels, but {emb[0]!r} is an "
                               "embedding; exclude embeddings or use init='default'.")
+        # QLoRA: a 4-bit kernel cannot hold the residual these inits write back
+        quant = [e.module for e in entries if P.is_quantized(P.unbox(leaves[e.module][e.param]))]
+        if quant:
+            raise ConfigError(f"init={config.init!r} rewrites the kernel to a residual, but "
+                              f"{quant[0]!r} is quantized (NF4); use init='default' or "
+                              "'gaussian', or jlora.dequantize the params first.")
     copies = _copies(config, leaves, saved, {e.module for e in entries})
     base = sum(int(np.size(P.unbox(x))) for ls in leaves.values() for x in ls.values())
     shapes = tuple((f"{m}.{n}" if m else n, tuple(np.shape(P.unbox(leaves[m][n]))))

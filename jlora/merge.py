@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jlora import paths as P
+from jlora.quant.nf4 import full  # an NF4 kernel (jlora.quant) merges as its dequantized array
 
 
 def delta_w(a: Any, b: Any, scale: Any, dtype: Any = None) -> Any:
@@ -46,7 +47,7 @@ def weight_norm(kernel: Any, a: Any, b: Any, scale: Any) -> Any:
       >>> weight_norm(jnp.ones((4, 3)), jnp.zeros((4, 2)), jnp.zeros((2, 3)), 1.0)
       Array([2., 2., 2.], dtype=float32)
     """
-    w, d = P.unbox(kernel), delta_w(a, b, scale)
+    w, d = full(P.unbox(kernel)), delta_w(a, b, scale)
     return _column_norm(w.astype(jnp.promote_types(w.dtype, d.dtype)) + d, P.unbox(a).ndim - 1)
 
 
@@ -57,7 +58,7 @@ def _rebox(leaf: Any, value: Any) -> Any:
 def _dora_weights(leaves: dict[str, Any], param: str, d: Any) -> tuple[Any, Any, Any]:
     """``(unmerged W, merged W, weight norm)`` of a DoRA adapter whose ``scale * A @ B`` is
     ``d``, in the promoted dtype: merged is ``m / n * (W + d)``."""
-    w = P.unbox(leaves[param])
+    w = full(P.unbox(leaves[param]))
     w = w.astype(jnp.promote_types(w.dtype, d.dtype))
     m = P.unbox(leaves[param + P.MAGNITUDE_SUFFIX])
     if param + P.NORM_SUFFIX in leaves:  # merged: the param holds m / n * (W + d)
@@ -78,7 +79,7 @@ def _fold_adapter(out: dict[str, Any], param: str, into: bool) -> None:
     if param + src not in out:
         return  # already in the wanted state
     kernel = out[param]
-    w = P.unbox(kernel)
+    w = full(P.unbox(kernel))
     d = delta_w(out[param + P.A_SUFFIX], out[param + P.B_SUFFIX], out[param + src])
     if param + P.MAGNITUDE_SUFFIX not in out:
         new = w.astype(jnp.promote_types(w.dtype, d.dtype)) + (d if into else -d)
@@ -147,8 +148,8 @@ def fold_modules(tree: Any, *, into: bool, unload: bool = False,
     return P.map_modules(tree, fn)
 
 
-def merge(params: Any, *, unload: bool = False, adapter: str | Sequence[str] | None = None
-          ) -> Any:
+def merge(params: Any, *, unload: bool = False, adapter: str | Sequence[str] | None = None,
+          requantize: bool = False) -> Any:
     """Folds every adapter (or the named ones) into its kernel: ``W + scale * A @ B``.
 
     Args:
@@ -157,6 +158,9 @@ def merge(params: Any, *, unload: bool = False, adapter: str | Sequence[str] | N
         dropped too); otherwise keep them, marked merged, so that :func:`unmerge` restores
         the tree.
       adapter: the adapter name(s) to merge (PEFT's ``adapter_names``); all by default.
+      requantize: an adapted NF4 kernel (:func:`jlora.quantize`) merges as its dequantized
+        kernel plus the update, in full precision; with ``requantize`` it is quantized again
+        with its own settings (QLoRA's 4-bit merged model).
 
     Returns:
       The same kind of tree; ``model.apply(merge(p), x) == lora(model.apply)(p, x)``.
@@ -178,7 +182,12 @@ def merge(params: Any, *, unload: bool = False, adapter: str | Sequence[str] | N
     tree = P.params_of(params)
     P.require_adapters(tree, "merge")
     names = P.require_names(tree, adapter, "merge")
-    return P.with_params(params, fold_modules(tree, into=True, unload=unload, names=names))
+    out = fold_modules(tree, into=True, unload=unload, names=names)
+    if requantize:
+        from jlora.quant.tree import requantize_like
+
+        out = requantize_like(out, tree)
+    return P.with_params(params, out)
 
 
 def unmerge(params: Any, *, adapter: str | Sequence[str] | None = None) -> Any:

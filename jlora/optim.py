@@ -23,7 +23,7 @@ FROZEN = "frozen"
 def _leaf_labels(tree: Any, fn) -> Any:
     """Maps ``fn(leaf_name)`` over a tree's leaves (boxes whole); None stays None."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, _: fn(P.keypath_to_path(kp).rsplit(".", 1)[-1]), tree, is_leaf=P.is_box)
+        lambda kp, _: fn(P.keypath_to_path(kp).rsplit(".", 1)[-1]), tree, is_leaf=P.is_leaf)
 
 
 def labels(params: Any, *, lora_plus: bool = False,
@@ -111,7 +111,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
         out = nnx_tree.combine(trainable, frozen)
     else:
         out = jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
-                           is_leaf=lambda x: x is None or P.is_box(x))
+                           is_leaf=lambda x: x is None or P.is_leaf(x))
     P.check_adapters(P.params_of(out), "combine")
     return out
 

@@ -112,9 +112,20 @@ def unbox(x: Any) -> Any:
     return x.unbox() if is_box(x) else x
 
 
+def is_quantized(x: Any) -> bool:
+    """A quantized param (jlora.quant's NF4 node): a frozen leaf to every tree walker."""
+    return getattr(type(x), "jlora_quantized", False)
+
+
+def is_leaf(x: Any) -> bool:
+    """A box or a quantized param: what tree walkers keep whole."""
+    return is_box(x) or is_quantized(x)
+
+
 def leaves_with_paths(params: Any) -> list[tuple[str, Any]]:
-    """``(dotted path, leaf)`` for every leaf of a bare params tree (boxes kept whole)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)
+    """``(dotted path, leaf)`` for every leaf of a bare params tree (boxes and quantized
+    params kept whole)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)
     return [(keypath_to_path(kp), leaf) for kp, leaf in flat]
 
 
@@ -379,7 +390,7 @@ def check_adapters(tree: Any, what: str) -> dict[tuple[str, str], Adapter]:
       jlora.errors.IncompleteAdapterError: demo: the adapter of q.kernel is not whole: ...
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: x is None or is_box(x))
+        tree, is_leaf=lambda x: x is None or is_leaf(x))
     modules: dict[str, dict[str, Any]] = {}
     for kp, leaf in flat:
         module, name = split_path(keypath_to_path(kp))

@@ -16,10 +16,13 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jlora import schema
 from jlora.errors import HFError
+from jlora.hf import bnb
 from jlora.hf.io import TensorInfo, checkpoint_index, hf_layout_shape, read_tensor
 from jlora.hf.output import note_source
 from jlora.models import arch_spec
 from jlora.models.base import ArchSpec, ParamPath
+from jlora.quant.nf4 import check_quantizable, quantize_array
+from jlora.quant.tree import select
 
 # Heads that transformers ties to the input embedding, with the embeddings (canonical names)
 # they tie to. Whether a model ties is the architecture's decision (its name map expects the
@@ -136,7 +139,8 @@ def _listed(names) -> str:
     return ", ".join(repr(n) for n in names[:_MAX_LISTED]) + more
 
 
-def load(path: str | os.PathLike, dtype: Any = None) -> tuple[Any, dict, dict[str, Any]]:
+def load(path: str | os.PathLike, dtype: Any = None, *,
+         quantize: bool | Mapping[str, Any] = False) -> tuple[Any, dict, dict[str, Any]]:
     """Builds the jlora model of a transformers checkpoint directory and loads its weights.
 
     Checks run cheapest first, and all before any work: the arguments; config.json, field by
@@ -166,6 +170,12 @@ def load(path: str | os.PathLike, dtype: Any = None) -> tuple[Any, dict, dict[st
     Args:
       path: a directory written by transformers' ``save_pretrained`` (safetensors).
       dtype: dtype of the params and of the computation; ``None`` for float32.
+      quantize: quantize linear kernels tensor by tensor while loading (``True``: as
+        :func:`jlora.quantize` does by default; a dict: its keyword arguments, e.g.
+        ``{"targets": ["q_proj", "v_proj"], "double_quant": False}``). A transformers
+        bitsandbytes 4-bit checkpoint (``quantization_config`` with ``load_in_4bit``, NF4 or
+        FP4) loads into :class:`jlora.NF4` leaves from its stored bytes either way, never
+        dequantized; run such params through :func:`jlora.lora`.
 
     Returns:
       ``(model, params, hf_config)``: the linen module, ``{'params': ...}`` as
@@ -184,11 +194,24 @@ def load(path: str | os.PathLike, dtype: Any = None) -> tuple[Any, dict, dict[st
     dtype = check_dtype(dtype)
     note_source(path)  # completes an interrupted save there; no save may write there now
     hf_config = read_config(path)
+    where = repr(str(path / "config.json"))
+    if quant_cfg := bnb.check_config(hf_config, where):  # a bitsandbytes 4-bit checkpoint
+        hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     spec = arch_spec(hf_config["model_type"])
-    spec.check_config(hf_config, repr(str(path / "config.json")))
+    spec.check_config(hf_config, where)
+    if not isinstance(quantize, bool | Mapping):
+        raise HFError(f"quantize={quantize!r}: pass True, False or a dict of jlora.quantize's "
+                      "keyword arguments.")
     # Cheap checks first: the headers against the sizes config.json gives, before any tensor
     # is read (but a tied head's, below) and before the model is built or traced.
-    index = checkpoint_index(path)
+    index, packed = bnb.parts_of_index(checkpoint_index(path), repr(str(path)))
+    if quant_cfg and not packed:
+        raise HFError(
+            f"{where}: quantization_config={quant_cfg!r:.80} says bitsandbytes 4-bit, but the "
+            "checkpoint holds no 4-bit weights (no '<name>.weight.quant_state.bitsandbytes__"
+            "nf4' entries). Remove quantization_config from config.json, or keep the "
+            "checkpoint transformers saved with it; to quantize while loading pass "
+            "quantize=True.")
     layers = spec.num_layers(hf_config)
     if layers > len(index):  # every layer has tensors of its own: do not list them all
         raise HFError(
@@ -219,14 +242,56 @@ def load(path: str | os.PathLike, dtype: Any = None) -> tuple[Any, dict, dict[st
             hf_config["model_type"],
             spec.auto_class,
         )
+    chosen = _quantized_modules(shapes, quantize)
     for param_path, name in plan.items():
+        if name in packed:  # stored in 4 bits: its bytes as they are
+            flat[param_path] = bnb.read_nf4(packed[name], tuple(shapes[param_path].shape),
+                                            _transposes(spec, name), shapes[param_path].dtype)
+            continue
         array = read_tensor(index[name])
         _, converted = spec.hf_to_params(name, array)
         # jnp.array copies (jnp.asarray may alias host memory), so each tensor read is freed
         # at once and the loaded params are the only copy of the weights.
         flat[param_path] = jnp.array(converted, dtype=shapes[param_path].dtype)
         del array, converted
+        if ".".join(param_path[:-1]) in chosen and param_path[-1] == "kernel":
+            flat[param_path] = quantize_array(flat[param_path], where=".".join(param_path),
+                                              **_quantize_kw(quantize))
+    if quant_cfg:
+        hf_config = {**hf_config, "quantization_config": quant_cfg}
     return model, {"params": unflatten_dict(flat)}, hf_config
+
+
+def _quantize_kw(quantize: Any) -> dict[str, Any]:
+    kw = dict(quantize) if isinstance(quantize, Mapping) else {}
+    kw.pop("targets", None)
+    kw.pop("exclude", None)
+    return kw
+
+
+def _quantized_modules(shapes: Mapping[ParamPath, Any], quantize: Any) -> set[str]:
+    """The module paths whose kernels ``quantize`` chooses (before any tensor is read)."""
+    if quantize is False:
+        return set()
+    kw = dict(quantize) if isinstance(quantize, Mapping) else {}
+    unknown = set(kw) - {"targets", "exclude", "block_size", "double_quant", "quant_type"}
+    if unknown:
+        raise HFError(f"quantize: unknown keys {sorted(unknown)}; use targets, exclude, "
+                      "block_size, double_quant, quant_type (jlora.quantize's arguments).")
+    modules: dict[str, dict[str, Any]] = {}
+    for p, leaf in shapes.items():
+        modules.setdefault(".".join(p[:-1]), {})[p[-1]] = leaf
+    chosen = select(modules, kw.get("targets", "all-linear"), kw.get("exclude"))
+    for m in chosen:
+        leaf = modules[m]["kernel"]
+        check_quantizable(tuple(leaf.shape), leaf.dtype, kw.get("block_size", 64), f"{m}.kernel")
+    return set(chosen)
+
+
+def _transposes(spec: ArchSpec, name: str) -> bool:
+    """Whether the name map stores tensor ``name`` transposed (an nn.Linear weight)."""
+    converted = spec.hf_to_params(name, np.zeros((2, 3), np.float32))
+    return converted is not None and np.shape(converted[1]) == (3, 2)
 
 
 def _match_tensors(

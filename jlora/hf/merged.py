@@ -15,11 +15,14 @@ from flax.core import meta
 
 from jlora import paths as P
 from jlora.errors import HFError
+from jlora.hf import bnb
 from jlora.hf.io import LazyTensor, hf_layout_shape, parse_size, write_weights
 from jlora.hf.load import param_shapes
 from jlora.hf.output import MERGED_METADATA, MERGED_MODEL, check_target, write_output
 from jlora.merge import fold_modules
 from jlora.models import arch_spec
+from jlora.quant.nf4 import is_quantized
+from jlora.quant.tree import dequantize, requantize_like
 
 _MAX_LISTED = 10
 _HF_FLOATS = ("float32", "float16", "bfloat16")  # the floating dtypes transformers stores
@@ -56,6 +59,7 @@ def save_merged(
     max_shard_size: int | str = "5GB",
     dtype: Any = None,
     overwrite: bool = False,
+    bnb_4bit: bool = False,
 ) -> Path:
     """Writes config.json and safetensors weights that transformers loads as this model.
 
@@ -83,6 +87,11 @@ def save_merged(
         ``jnp.bfloat16`` (what transformers stores); default: as is.
       overwrite: also write into the current directory (or a parent of it) or a directory
         holding other files; only the export's own files there are replaced.
+      bnb_4bit: write the tree's NF4 kernels (:func:`jlora.quantize`, or a 4-bit checkpoint
+        :func:`jlora.hf.load` read) as transformers' bitsandbytes 4-bit checkpoint (their
+        codes and scales as they are; merged adapters are quantized again), with its
+        ``quantization_config``. Default: NF4 kernels are written dequantized, a plain
+        full-precision model.
 
     Returns:
       ``path``; ``transformers.<spec.auto_class>.from_pretrained(path)`` loads it with no
@@ -99,6 +108,8 @@ def save_merged(
             "save_merged: hf_config must be the config.json dict with its model_type "
             f"(jlora.hf.load's third result), got {type(hf_config).__name__}"
         )
+    # a 4-bit checkpoint's quantization_config: written below only for bnb_4bit
+    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
     dtype = _out_dtype(dtype)
     parse_size(max_shard_size)  # its error names the argument
     check_target(path, MERGED_MODEL, overwrite=overwrite)
@@ -106,11 +117,16 @@ def save_merged(
     # merge(..., unload=True) without its no-adapters error: a base tree passes unchanged
     tree = P.params_of(meta.unbox(params))
     P.check_adapters(tree, "save_merged")
-    tree = fold_modules(tree, into=True, unload=True)
+    merged = fold_modules(tree, into=True, unload=True)
+    # NF4 kernels: full arrays, or (bnb_4bit) 4-bit ones, merged adapters quantized again
+    tree = requantize_like(merged, tree) if bnb_4bit else dequantize(merged)
     flat = {
         tuple(str(k.key) for k in keypath): leaf
-        for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
     }
+    if bnb_4bit and not any(is_quantized(x) for x in flat.values()):
+        raise HFError("save_merged(bnb_4bit=True): the tree holds no NF4 kernel; quantize it "
+                      "first (jlora.quantize(params)).")
     leftover = [".".join(p) for p in flat if any(P.is_adapter_name(k) for k in p)]
     if leftover:
         raise HFError(f"adapter leaves remain after merging: {leftover[:_MAX_LISTED]}")
@@ -131,6 +147,7 @@ def save_merged(
 
     tensors: dict[str, LazyTensor] = {}
     out_dtypes = set()
+    weights, quantized, skipped = set(), [], []
     for param_path, leaf in flat.items():
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             raise HFError(
@@ -142,20 +159,33 @@ def save_merged(
             out_dtype = np.dtype(dtype)
         out_dtypes.add(out_dtype)
         named = hf_layout_shape(spec.params_to_hf, param_path, shape=leaf.shape, dtype=out_dtype)
+        weights.update(name for name, _ in named)
+        if is_quantized(leaf):  # bitsandbytes' entries of a Linear4bit weight
+            (name, placeholder), = named
+            if tuple(placeholder.shape) != leaf.shape[::-1]:
+                raise HFError(f"save_merged: {name!r} is not an nn.Linear weight; bitsandbytes "
+                              "4-bit stores those only (jlora.dequantize this kernel).")
+            tensors.update(bnb.tensors_of(name, leaf))
+            quantized.append(leaf)
+            continue
+        if bnb_4bit and param_path[-1] == "kernel" and len(leaf.shape) == 2:
+            skipped.extend(n.removesuffix(".weight") for n, _ in named)
         for i, (name, placeholder) in enumerate(named):
             load = lambda p=param_path, x=leaf, i=i, d=out_dtype: np.asarray(
                 spec.params_to_hf(p, np.asarray(x))[i][1]
             ).astype(d, copy=False)
             tensors[name] = LazyTensor(tuple(placeholder.shape), out_dtype, load)
     expected = spec.expected_hf_keys(hf_config)
-    if set(tensors) != expected:
+    if weights != expected:
         raise HFError(
             f"the export would not match transformers' names: missing "
-            f"{sorted(expected - set(tensors))[:_MAX_LISTED]}, unexpected "
-            f"{sorted(set(tensors) - expected)[:_MAX_LISTED]}"
+            f"{sorted(expected - weights)[:_MAX_LISTED]}, unexpected "
+            f"{sorted(weights - expected)[:_MAX_LISTED]}"
         )
 
     config = dict(hf_config)
+    if quantized:
+        config["quantization_config"] = bnb.quantization_config(quantized, skipped)
     floats = [d for d in out_dtypes if jnp.issubdtype(d, jnp.floating)]
     if floats:
         config["dtype"] = _hf_dtype_name(max(floats, key=lambda d: d.itemsize))

@@ -202,6 +202,8 @@ def param_specs(params: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) 
               if leaf is not None}
 
     def spec_of(kp, leaf):
+        if P.is_quantized(leaf):  # an NF4 leaf (jlora.quant): its arrays replicated
+            return jax.tree.map(lambda _: PS(), leaf)
         path = P.keypath_to_path(kp)
         if P.is_variables(params):
             path = path.split(".", 1)[1] if "." in path else ""
@@ -225,7 +227,7 @@ def param_specs(params: Any, mesh: Mesh, rules: Sequence[Rule] = DEFAULT_RULES) 
         spec = (*kspec[:n_in], None) if is_a else (None, *kspec[n_in:])
         return _fit(spec, shape, mesh)
 
-    return jax.tree_util.tree_map_with_path(spec_of, params, is_leaf=P.is_box)
+    return jax.tree_util.tree_map_with_path(spec_of, params, is_leaf=P.is_leaf)
 
 
 def named(mesh: Mesh, specs: Any) -> Any:

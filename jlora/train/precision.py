@@ -53,13 +53,14 @@ class Precision:
     def cast_frozen(self, frozen: Any) -> Any:
         """The frozen tree with its floating leaves (but adapter scales) in ``frozen_dtype``."""
         def cast(kp, x):
-            if x is None or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            if x is None or P.is_quantized(x) or not jnp.issubdtype(jnp.result_type(x),
+                                                                     jnp.floating):
                 return x
             if P.keypath_to_path(kp).endswith((P.SCALE_SUFFIX, P.MERGED_SUFFIX)):
                 return x
             return x.astype(self.frozen_dtype)
 
-        return jax.tree_util.tree_map_with_path(cast, frozen)
+        return jax.tree_util.tree_map_with_path(cast, frozen, is_leaf=P.is_leaf)
 
     def cast_compute(self, trainable: Any) -> Any:
         """The adapters cast to ``compute_dtype`` (inside the differentiated function)."""

@@ -131,7 +131,7 @@ def init(params: Any, tx: optax.GradientTransformation, key: jax.Array, *,
         from jlora import nnx_tree
 
         params = nnx_tree.to_pure(params)
-    params = jax.tree.map(P.unbox, params, is_leaf=P.is_box)
+    params = jax.tree.map(P.unbox, params, is_leaf=P.is_leaf)
     shardings = M.named(mesh, M.param_specs(params, mesh, rules))
     if train == "all":
         _check_full(params)
