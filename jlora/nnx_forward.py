@@ -10,7 +10,7 @@ their adapter up in a context variable keyed by the instance (so nothing outlive
 and concurrent calls or traces do not see each other's adapters). The geometry and low-rank
 math are :mod:`jlora.forward`'s, shared with the linen interceptor.
 
-DoRA adapters run as :func:`jlora.forward._dora` does (the weight norm is the only place
+DoRA adapters run as :func:`jlora.layer.dora` does (the weight norm is the only place
 ``W + scale * A @ B`` is formed). As with linen, an adapter that no supported layer reads
 (an unsupported module, one the call never reaches) is merged into its kernel for that call,
 or raises with ``on_unconsumed='raise'``.
@@ -23,11 +23,10 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
-from flax.linen.dtypes import promote_dtype
 
 from jlora import forward as F
+from jlora import layer as L
 from jlora import nnx_tree
 from jlora import paths as P
 from jlora.adapters import select
@@ -38,9 +37,10 @@ from jlora.errors import (
     NnxStateError,
     UnconsumedAdapterError,
 )
-from jlora.merge import fold_modules, weight_norm
+from jlora.merge import fold_modules
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
+L.add_layer_kinds(dense=nnx.Linear, dense_general=nnx.LinearGeneral, einsum=nnx.Einsum)
 
 
 class _Adapter(NamedTuple):
@@ -70,34 +70,17 @@ def _lookup(mod: nnx.Module) -> list[_Adapter]:
     return ads
 
 
-def _delta(mod: nnx.Module, args: tuple, kwargs: dict, x: jax.Array, ad: _Adapter):
-    """``scale * x @ A @ B`` in the layer's output layout (x already dropped out)."""
-    prec = mod.precision
-    x, a, b = promote_dtype(x, ad.a, ad.b, dtype=mod.dtype)
-    s, n_in, r = ad.scale, ad.a.ndim - 1, ad.a.shape[-1]
-    if isinstance(mod, nnx.Linear):
-        y = F._low_rank(x.reshape(-1, x.shape[-1]), a, b, s, prec)
-        return y.reshape(*x.shape[:-1], b.shape[-1])
-    if isinstance(mod, nnx.LinearGeneral):
-        x2d, lead = F._dense_2d(mod, x, n_in)
-        y = F._low_rank(x2d, a.reshape(-1, r), b.reshape(r, -1), s, prec)
-        return y.reshape(*lead, *b.shape[1:])
-    if isinstance(mod, nnx.Einsum):
-        xs, kin, kout, out = F._einsum_parts(mod, args, kwargs, n_in)
-        rl = F._free_letter(xs + kin + kout + out)
-        ell = "..." if "..." in xs else ""
-        t_spec = ell + "".join(c for c in xs.replace("...", "") if c in out) + rl
-        t = jnp.einsum(f"{xs},{kin}{rl}->{t_spec}", x, a, precision=prec) * s.astype(x.dtype)
-        return jnp.einsum(f"{t_spec},{rl}{kout}->{out}", t, b, precision=prec)
-    # nnx.Conv: the layer's own convolution with A as its kernel (r output features)
-    conv = nnx.Conv(mod.in_features, r, mod.kernel_size, strides=mod.strides,
-                    padding=mod.padding, input_dilation=mod.input_dilation,
-                    kernel_dilation=mod.kernel_dilation, use_bias=False, dtype=mod.dtype,
-                    param_dtype=a.dtype, precision=prec, kernel_init=lambda *_: a,
-                    rngs=nnx.Rngs(0))
-    t = conv(x) * s.astype(x.dtype)
-    y = jnp.dot(t.reshape(-1, r), b.reshape(r, -1), precision=prec)
-    return y.reshape(*t.shape[:-1], *b.shape[1:])
+def _conv(mod: nnx.Conv) -> Callable:
+    """``conv(x, a)``: the layer's own convolution with A as its kernel (r output features)."""
+    def conv(x, a):
+        layer = nnx.Conv(mod.in_features, a.shape[-1], mod.kernel_size, strides=mod.strides,
+                         padding=mod.padding, input_dilation=mod.input_dilation,
+                         kernel_dilation=mod.kernel_dilation, use_bias=False, dtype=mod.dtype,
+                         param_dtype=a.dtype, precision=mod.precision,
+                         kernel_init=lambda *_: a, rngs=nnx.Rngs(0))
+        return layer(x)
+
+    return conv
 
 
 def _call(self, *args, **kwargs):
@@ -105,61 +88,27 @@ def _call(self, *args, **kwargs):
     y = base.__call__(self, *args, **kwargs)
     for ad in _lookup(self):  # PEFT's order: each adds to what the previous ones gave
         if isinstance(self, nnx.Embed):  # no dropout on embeddings, as PEFT
-            ids = (F._input(args, kwargs),)
-            y = y + F._embed_delta(self, "__call__", ids, ad.a, ad.b, ad.scale).astype(y.dtype)
+            ids = (L.input_of(args, kwargs),)
+            y = y + L.embed_delta(self, "__call__", ids, ad.a, ad.b, ad.scale).astype(y.dtype)
             continue
-        x = F._input(args, kwargs)
-        xd = x if ad.key is None else F.drop(ad.key, x, ad.rate)
-        d = _delta(self, args, kwargs, xd, ad).astype(y.dtype)
-        y = y + d if ad.magnitude is None else _dora(
-            self, args, kwargs, y, d, xd if ad.key is not None else None, ad)
+        x = L.input_of(args, kwargs)
+        xd = x if ad.key is None else L.drop(ad.key, x, ad.rate)
+        conv = _conv(self) if isinstance(self, nnx.Conv) else None
+        d = L.delta(self, args, kwargs, xd, ad.a, ad.b, ad.scale, conv).astype(y.dtype)
+        if ad.magnitude is None:
+            y = y + d
+        else:
+            bias = None if self.bias is None else self.bias[...]
+            y = L.dora(self, args, kwargs, y, d, xd if ad.key is not None else None,
+                        self.kernel[...], ad.a, ad.b, ad.scale, ad.magnitude, bias)
     return y
-
-
-def _per_feature(mod, args, kwargs, v, ndim, n_in):
-    """:func:`jlora.forward._per_feature` for nnx layers: ``v`` (per output feature) shaped
-    to broadcast over the layer's output."""
-    if not isinstance(mod, nnx.Einsum):
-        return v
-    _, _, kout, out = F._einsum_parts(mod, args, kwargs, n_in)
-    pre, _, post = out.partition("...")
-    sizes = dict(zip(kout, v.shape))
-    v = jnp.transpose(v, [kout.index(c) for c in pre + post if c in sizes])
-    shape = [sizes.get(c, 1) for c in pre] + [1] * (ndim - len(pre) - len(post))
-    return v.reshape(shape + [sizes.get(c, 1) for c in post])
-
-
-def _base(mod, args, kwargs, x, kernel, n_in):
-    """The layer's own ``x @ W`` without its bias (Linear, LinearGeneral, Einsum)."""
-    x, kernel = promote_dtype(x, kernel, dtype=mod.dtype)
-    if isinstance(mod, nnx.Einsum):
-        xs, kin, kout, out = F._einsum_parts(mod, args, kwargs, n_in)
-        return jnp.einsum(f"{xs},{kin}{kout}->{out}", x, kernel, precision=mod.precision)
-    x2d, lead = (x.reshape(-1, x.shape[-1]), x.shape[:-1]) if isinstance(
-        mod, nnx.Linear) else F._dense_2d(mod, x, n_in)
-    y = jnp.dot(x2d, kernel.reshape(x2d.shape[1], -1), precision=mod.precision)
-    return y.reshape(*lead, *kernel.shape[n_in:])
-
-
-def _dora(mod, args, kwargs, y, d, xd, ad: _Adapter):
-    """PEFT's DoRA, as :func:`jlora.forward._dora`: ``m / n * (x @ W + d) + bias`` with the
-    weight norm ``n`` detached; with dropout (``xd``), ``y + (m / n - 1) * (xd @ W) + m / n *
-    d``. The norm is the only place ``W + scale * A @ B`` is formed."""
-    kernel, n_in = mod.kernel[...], ad.a.ndim - 1
-    n = jax.lax.stop_gradient(weight_norm(kernel, ad.a, ad.b, ad.scale))
-    f = _per_feature(mod, args, kwargs, (ad.magnitude / n).astype(y.dtype), y.ndim, n_in)
-    if xd is None:
-        bias = jnp.zeros((), y.dtype) if mod.bias is None else _per_feature(
-            mod, args, kwargs, mod.bias[...].astype(y.dtype), y.ndim, n_in)
-        return f * (y - bias + d) + bias
-    return y + (f - 1) * _base(mod, args, kwargs, xd, kernel, n_in).astype(y.dtype) + f * d
 
 
 def _attend(self, *args, **kwargs):
     y = type(self).__mro__[1].attend(self, *args, **kwargs)
     query = (args[0] if args else kwargs["query"],)
     for ad in _lookup(self):
-        y = y + F._embed_delta(self, "attend", query, ad.a, ad.b, ad.scale).astype(y.dtype)
+        y = y + L.embed_delta(self, "attend", query, ad.a, ad.b, ad.scale).astype(y.dtype)
     return y
 
 
