@@ -85,8 +85,13 @@ def prepare_data(out: Path, eval_limit: int | None = None) -> tuple[Path, Path, 
 
 def peft_embeddings(adapter: Path, sentences: list[str]) -> np.ndarray:
     """The sentences embedded by sentence-transformers with the adapter loaded by peft."""
+    import logging
+
     from sentence_transformers import SentenceTransformer
 
+    # peft imports bitsandbytes (installed for the QLoRA tests), whose CPU backend logs a
+    # warning about an optional kernels package; the demo uses no 4-bit layer
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     st = SentenceTransformer(model_dir(), device="cpu")
     st.max_seq_length = RECIPE["max_length"]
     st.load_adapter(str(adapter))
