@@ -87,11 +87,12 @@ def peft_embeddings(adapter: Path, sentences: list[str]) -> np.ndarray:
     """The sentences embedded by sentence-transformers with the adapter loaded by peft."""
     import logging
 
+    # sentence-transformers imports peft, which imports bitsandbytes (installed for the QLoRA
+    # tests): its CPU backend warns that an optional kernels package is missing, while the
+    # demo uses no 4-bit layer
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from sentence_transformers import SentenceTransformer
 
-    # peft imports bitsandbytes (installed for the QLoRA tests), whose CPU backend logs a
-    # warning about an optional kernels package; the demo uses no 4-bit layer
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     st = SentenceTransformer(model_dir(), device="cpu")
     st.max_seq_length = RECIPE["max_length"]
     st.load_adapter(str(adapter))
