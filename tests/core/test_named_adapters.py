@@ -306,3 +306,42 @@ def test_mixed_batch_in_a_scanned_llama_equals_the_unscanned():
     for i, a in enumerate(route.tolist()):
         one = jlora.lora(plain.apply, adapter=None if a < 0 else ("default", "b")[a])(p, ids)
         np.testing.assert_allclose(y[i], one[i], atol=1e-5)
+
+
+def test_more_bad_input():
+    from jlora.adapters import rename
+    from jlora.errors import IncompleteAdapterError
+
+    bad = jax.tree_util.tree_map(lambda x: x, P2)
+    bad["params"]["up"]["kernel_lora_x@math"] = jnp.zeros(2)
+    with pytest.raises(IncompleteAdapterError, match=r"up.kernel_lora_x@math is not a leaf"):
+        jlora.lora(MODEL.apply)(bad, IDS)
+    with pytest.raises(AlreadyInjectedError, match="already holds an adapter named 'math'"):
+        rename(P2, "default", "math")
+    route = jnp.array([0, 1, 0, 1])
+    with pytest.raises(ConfigError, match="needs mode='intercept'"):
+        jlora.lora(MODEL.apply, adapter=route, mode="merge")(P2, IDS)
+    copies = jlora.inject(BASE, LoraConfig(rank=2, targets=["up"], modules_to_save=["down"]),
+                          jax.random.key(0))
+    copies = jlora.inject(copies, LoraConfig(rank=2, targets=["up"], modules_to_save=["down"]),
+                          jax.random.key(1), name="b")
+    with pytest.raises(ConfigError, match="cannot read trainable copies"):
+        jlora.lora(MODEL.apply, adapter=route)(copies, IDS)
+    with pytest.raises(ConfigError, match="both hold a trainable copy"):
+        jlora.lora(MODEL.apply)(copies, IDS)
+    one = jlora.lora(MODEL.apply, adapter="b")(copies, IDS)  # one copy per call is fine
+    assert one.shape == (BATCH, SEQ, VOCAB)
+
+
+def test_mixed_batch_refuses_einsum_layers():
+    class E(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum((D, 3), "btd,do->bto", name="e")(x)
+
+    x = jnp.ones((2, 3, D))
+    p = E().init(jax.random.key(0), x)
+    p = jlora.inject(p, LoraConfig(rank=2, targets=["e"]), jax.random.key(1),
+                     layout=jlora.layout(E(), x))
+    with pytest.raises(LayoutError, match="Dense, DenseGeneral and Embed layers, not Einsum"):
+        jlora.lora(E().apply, adapter=jnp.array([0, -1]))(p, x)
