@@ -105,7 +105,7 @@ def _interceptor(rate: float, consumed: set[str], routes=None) -> Callable:
             local = [n if n in live else None for n in order]
             x = L.input_of(args, kwargs) if method == "attend" else args[0] if isinstance(
                 mod, nn.Embed) else _dropout(mod, L.input_of(args, kwargs), rate)
-            return y + L.mixed_delta(mod, method, args, kwargs, x, (ids, local),
+            return y + L.mixed_delta(mod, path, method, x, (ids, local),
                                     get).astype(y.dtype)
         for n in live:  # PEFT's order: each adapter adds to what the previous ones gave
             a, b, s = get(P.A_SUFFIX, n), get(P.B_SUFFIX, n), get(P.SCALE_SUFFIX, n)

@@ -71,14 +71,15 @@ def einsum_parts(mod: nn.Einsum, args: tuple, kwargs: dict, n_in: int):
 _DENSE: tuple[type, ...] = (nn.Dense,)  # contracts the last axis
 _DENSE_GENERAL: tuple[type, ...] = (nn.DenseGeneral,)  # contracts ``axis``
 _EINSUM: tuple[type, ...] = (nn.Einsum,)
+_EMBED: tuple[type, ...] = (nn.Embed,)
 
 
-def add_layer_kinds(*, dense: type, dense_general: type, einsum: type) -> None:
-    """Lets the geometry helpers serve another API's Dense, DenseGeneral and Einsum classes
-    (NNX's Linear, LinearGeneral, Einsum): same attributes, same math."""
-    global _DENSE, _DENSE_GENERAL, _EINSUM
-    _DENSE, _DENSE_GENERAL, _EINSUM = (tuple(dict.fromkeys(k + (c,))) for k, c in (
-        (_DENSE, dense), (_DENSE_GENERAL, dense_general), (_EINSUM, einsum)))
+def add_layer_kinds(*, dense: type, dense_general: type, einsum: type, embed: type) -> None:
+    """Lets the geometry helpers serve another API's Dense, DenseGeneral, Einsum and Embed
+    classes (NNX's Linear, LinearGeneral, Einsum, Embed): same attributes, same math."""
+    global _DENSE, _DENSE_GENERAL, _EINSUM, _EMBED
+    _DENSE, _DENSE_GENERAL, _EINSUM, _EMBED = (tuple(dict.fromkeys(k + (c,))) for k, c in (
+        (_DENSE, dense), (_DENSE_GENERAL, dense_general), (_EINSUM, einsum), (_EMBED, embed)))
 
 
 def dense_2d(mod: Any, x: jax.Array, n_in: int):
@@ -203,23 +204,25 @@ def stack_adapters(leaves: list[jax.Array], axis: int) -> jax.Array:
     return jnp.stack([pad(x) for x in leaves])
 
 
-def mixed_delta(mod: nn.Module, method: str, args: tuple, kwargs: dict, x, routes, get):
+def mixed_delta(mod: Any, path: str, method: str, x, routes, get):
     """The adapters' sum for a batch whose example ``i`` runs adapter ``route[i]`` (−1: none).
 
     Each example gathers its own A and B from the stacked adapters of this layer (ranks
     zero-padded to the largest) and runs ``(x_i @ A_i) * s_i @ B_i``: no ΔW, and per example
     only its adapter's low-rank FLOPs. ``routes`` is ``(ids, local)``: the batch's adapter
     indices and, for each index of the tree's adapter order, this layer's stack slot (−1
-    where this layer has no such adapter)."""
+    where this layer has no such adapter); ``get(role, name)`` reads an adapter's leaf;
+    ``path`` names the layer in errors."""
     ids, local = routes
     names = [n for n in local if n is not None]
-    if not isinstance(mod, nn.Dense | nn.DenseGeneral | nn.Embed):
-        raise LayoutError(f"{'.'.join(map(str, mod.scope.path))}: a mixed-adapter batch runs "
-                          f"Dense, DenseGeneral and Embed layers, not {type(mod).__name__}; "
+    if not isinstance(mod, _DENSE + _DENSE_GENERAL + _EMBED):
+        kind = next(c.__name__ for c in type(mod).__mro__ if c.__module__.startswith("flax"))
+        raise LayoutError(f"{path}: a mixed-adapter batch runs "
+                          f"Dense, DenseGeneral and Embed layers, not {kind}; "
                           "run this model's adapters one at a time (adapter='name').")
     batch = ids.shape[0]
     if x.ndim < 2 or x.shape[0] != batch:
-        raise LayoutError(f"{'.'.join(map(str, mod.scope.path))}: a mixed-adapter batch of "
+        raise LayoutError(f"{path}: a mixed-adapter batch of "
                           f"{batch} examples, but this layer's input has shape {x.shape}; the "
                           "adapter indices need one entry per example (the first axis).")
     slot = jnp.asarray([-1 if n is None else names.index(n) for n in local] + [-1], jnp.int32)
@@ -229,12 +232,12 @@ def mixed_delta(mod: nn.Module, method: str, args: tuple, kwargs: dict, x, route
     b = stack_adapters([get(P.B_SUFFIX, n) for n in names], 0)
     s = jnp.stack([get(P.SCALE_SUFFIX, n).astype(jnp.float32) for n in names])
     s_ex = jnp.where(idx >= 0, s[pick], 0.0)
-    if isinstance(mod, nn.Embed) and method != "attend":  # x holds token ids
+    if isinstance(mod, _EMBED) and method != "attend":  # x holds token ids
         a, b = promote_dtype(a, b, dtype=mod.dtype)
     else:
         x, a, b = promote_dtype(x, a, b, dtype=mod.dtype)
     s_ex = s_ex.astype(a.dtype)
-    if isinstance(mod, nn.Embed):
+    if isinstance(mod, _EMBED):
         if method == "attend":  # q @ (A @ B).T per example
             t = jnp.einsum("bsf,brf->bsr", x.reshape(batch, -1, x.shape[-1]), b[pick])
             y = jnp.einsum("bsr,bvr->bsv", t * s_ex[:, None, None], a[pick])
@@ -245,7 +248,7 @@ def mixed_delta(mod: nn.Module, method: str, args: tuple, kwargs: dict, x, route
     n_in = a.ndim - 2
     x2d, lead = dense_2d(mod, x, n_in)
     if not lead or lead[0] != batch:
-        raise LayoutError(f"{'.'.join(map(str, mod.scope.path))}: a mixed-adapter batch of "
+        raise LayoutError(f"{path}: a mixed-adapter batch of "
                           f"{batch} examples, but this layer's input has leading shape "
                           f"{tuple(lead)}; the adapter indices need one entry per example "
                           "(the first axis).")

@@ -40,7 +40,8 @@ from jlora.errors import (
 from jlora.merge import fold_modules
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
-L.add_layer_kinds(dense=nnx.Linear, dense_general=nnx.LinearGeneral, einsum=nnx.Einsum)
+L.add_layer_kinds(dense=nnx.Linear, dense_general=nnx.LinearGeneral, einsum=nnx.Einsum,
+                  embed=nnx.Embed)
 
 
 class _Adapter(NamedTuple):
@@ -51,11 +52,13 @@ class _Adapter(NamedTuple):
     key: jax.Array | None  # the dropout key of this layer (None: no dropout)
     rate: float
     magnitude: jax.Array | None = None  # DoRA's (None: plain LoRA)
+    name: str = P.DEFAULT_ADAPTER
 
 
 class _Call(NamedTuple):
     adapters: dict[int, list[_Adapter]]  # id(module instance) -> its adapters, in name order
     consumed: set[str]
+    routes: tuple[jax.Array, tuple[str, ...]] | None = None  # a mixed batch: (ids, names)
 
 
 _ACTIVE: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("jlora_nnx_call",
@@ -83,10 +86,29 @@ def _conv(mod: nnx.Conv) -> Callable:
     return conv
 
 
+def _mixed(mod: nnx.Module, method: str, x: jax.Array, ads: list[_Adapter]) -> jax.Array:
+    """A mixed batch through this layer's adapters (:func:`jlora.layer.mixed_delta`)."""
+    ids, order = _ACTIVE.get().routes
+    if any(ad.magnitude is not None for ad in ads):
+        raise LayoutError(f"{ads[0].path}: a mixed-adapter batch runs LoRA adapters only (here: "
+                          "DoRA); run one adapter at a time (adapter='name').")
+    by_name = {ad.name: ad for ad in ads}
+    roles = {P.A_SUFFIX: "a", P.B_SUFFIX: "b", P.SCALE_SUFFIX: "scale"}
+    get = lambda role, n: getattr(by_name[n], roles[role])  # noqa: E731
+    local = [n if n in by_name else None for n in order]
+    return L.mixed_delta(mod, ads[0].path, method, x, (ids, local), get)
+
+
 def _call(self, *args, **kwargs):
     base = type(self).__mro__[1]
     y = base.__call__(self, *args, **kwargs)
-    for ad in _lookup(self):  # PEFT's order: each adds to what the previous ones gave
+    ads = _lookup(self)
+    if ads and _ACTIVE.get().routes is not None:
+        x = L.input_of(args, kwargs)
+        if not isinstance(self, nnx.Embed) and ads[0].key is not None:
+            x = L.drop(ads[0].key, x, ads[0].rate)
+        return y + _mixed(self, "__call__", x, ads).astype(y.dtype)
+    for ad in ads:  # PEFT's order: each adds to what the previous ones gave
         if isinstance(self, nnx.Embed):  # no dropout on embeddings, as PEFT
             ids = (L.input_of(args, kwargs),)
             y = y + L.embed_delta(self, "__call__", ids, ad.a, ad.b, ad.scale).astype(y.dtype)
@@ -107,7 +129,10 @@ def _call(self, *args, **kwargs):
 def _attend(self, *args, **kwargs):
     y = type(self).__mro__[1].attend(self, *args, **kwargs)
     query = (args[0] if args else kwargs["query"],)
-    for ad in _lookup(self):
+    ads = _lookup(self)
+    if ads and _ACTIVE.get().routes is not None:
+        return y + _mixed(self, "attend", query[0], ads).astype(y.dtype)
+    for ad in ads:
         y = y + L.embed_delta(self, "attend", query, ad.a, ad.b, ad.scale).astype(y.dtype)
     return y
 
@@ -160,7 +185,7 @@ def _strip(tree: Any) -> Any:
                                               if not P.is_adapter_name(str(k))})
 
 
-def _run(graphdef, tree, rate, rng, args, kwargs):
+def _run(graphdef, tree, rate, rng, args, kwargs, routes=None):
     """Calls the model built from ``tree`` with its unmerged LoRA adapters; returns
     ``(output, module paths whose adapter no layer read)``."""
     adapters = P.check_adapters(tree, "lora")
@@ -193,9 +218,9 @@ def _run(graphdef, tree, rate, rng, args, kwargs):
                                   "use_dora=False.")
             k = None if key is None else jax.random.fold_in(key, j) if j else key
             table[id(mod)].append(_Adapter(module, get(P.A_SUFFIX), get(P.B_SUFFIX),
-                                           get(P.SCALE_SUFFIX), k, rate, magnitude))
+                                           get(P.SCALE_SUFFIX), k, rate, magnitude, name))
         object.__setattr__(mod, "__class__", _adapted_class(type(mod)))
-    call = _Call(table, set())
+    call = _Call(table, set(), routes)
     token = _ACTIVE.set(call)
     try:
         out = model(*args, **kwargs)
@@ -218,7 +243,7 @@ def lora(graphdef: Any, *, dropout: float = 0.0, on_unconsumed: str = "merge",
     :mod:`jlora.train` carries it). ``dropout_rng``, a JAX key, turns on the adapters'
     dropout (each adapted layer folds in its own index); it is not passed to the model.
     ``adapter`` selects named adapters as for linen (a name, several, or ``None`` for the
-    base model); mixed-adapter batches (an index per example) run on linen models only.
+    base model; an int array of shape (batch,): one adapter per example, a mixed batch).
 
     Example:
       >>> import jax, jax.numpy as jnp, jlora
@@ -248,10 +273,6 @@ def lora(graphdef: Any, *, dropout: float = 0.0, on_unconsumed: str = "merge",
         raise ConfigError(f"dropout={dropout!r} must be in [0, 1).")
     names = adapter is None or isinstance(adapter, str) or (
         isinstance(adapter, tuple | list) and all(isinstance(a, str) for a in adapter))
-    if adapter is not F.ALL_ADAPTERS and not names:
-        raise ConfigError("jlora.lora(graphdef, adapter=...) takes adapter names (or None); "
-                          "a mixed-adapter batch (one index per example) runs on linen models "
-                          "only: run an NNX model's adapters one name at a time.")
 
     def forward(state: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any):
         tree = nnx_tree.to_pure(state) if nnx_tree.is_state(state) else state
@@ -261,17 +282,25 @@ def lora(graphdef: Any, *, dropout: float = 0.0, on_unconsumed: str = "merge",
                 and jax.dtypes.issubdtype(dropout_rng.dtype, jax.dtypes.prng_key)):
             raise KeyTypeError("dropout_rng must be a JAX PRNG key (jax.random.key(0)), got "
                                f"{type(dropout_rng).__name__}.")
-        if adapter is not F.ALL_ADAPTERS:
+        routes = None
+        if adapter is not F.ALL_ADAPTERS and names:
             tree = select(tree, adapter)
+        elif adapter is not F.ALL_ADAPTERS:
+            routes = F._routes(adapter, tree)
         adapters = P.check_adapters(tree, "lora")  # once per trace under jit
+        if routes is not None and (mode == "merge" or any(
+                ad.merged or ad.kind == "copy" for ad in adapters.values())):
+            raise ConfigError("a mixed-adapter batch runs unmerged LoRA adapters with "
+                              "mode='intercept' (no merged adapters, no trainable copies); run "
+                              "one adapter at a time (adapter='name').")
         if mode == "merge" and adapters:
             tree, adapters = fold_modules(tree, into=True), {}  # forms ΔW: for inference
         if any(ad.kind == "copy" and not ad.merged for ad in adapters.values()):
             tree = F._read_copies(tree)
-        out, missing = _run(graphdef, tree, dropout, dropout_rng, args, kwargs)
+        out, missing = _run(graphdef, tree, dropout, dropout_rng, args, kwargs, routes)
         if not missing:
             return out
-        if on_unconsumed == "raise":
+        if on_unconsumed == "raise" or routes is not None:
             raise UnconsumedAdapterError(
                 f"no supported nnx layer (Linear, LinearGeneral, Einsum, Conv, Embed) read the "
                 f"adapters of {', '.join(m or '<root>' for m in missing)}; use "

@@ -241,8 +241,18 @@ def test_named_adapters_on_a_state(lm):
                                atol=1e-6)
     np.testing.assert_array_equal(fwd(adapter=None), nnx.merge(graphdef, base)(IDS))
     assert float(jnp.abs(fwd(adapter="b") - fwd(adapter=None)).max()) > 1e-3
-    with pytest.raises(ConfigError, match="linen models only"):
-        jlora.lora(graphdef, adapter=jnp.array([0, 1]))
+    # a mixed batch: each example its own adapter (the Einsum 'out' layer holds none of 'b',
+    # but it holds the default adapter, which a mixed batch cannot route through an Einsum)
+    plain = jlora.select(two, "b")  # 'b' only: Linear and LinearGeneral layers
+    route = jnp.arange(IDS.shape[0]) % 2 - 1  # -1, 0, -1, 0...: the base model, then 'b'
+    mixed = jlora.lora(graphdef, adapter=route)(plain, IDS)
+    each = {-1: jlora.lora(graphdef, adapter=None)(plain, IDS),
+            0: jlora.lora(graphdef, adapter="b")(plain, IDS)}
+    for i, a in enumerate(route.tolist()):
+        np.testing.assert_allclose(mixed[i], each[a][i], atol=1e-5)
+    assert float(jnp.abs(each[0] - each[-1]).max()) > 1e-3
+    with pytest.raises(LayoutError, match="Dense, DenseGeneral and Embed layers, not Einsum"):
+        jlora.lora(graphdef, adapter=route % 2)(two, IDS)
     lab = nnx.to_flat_state(jlora.labels(two, adapter="b"))
     picked = {".".join(map(str, k)): getattr(v, "get_value", lambda v=v: v)() for k, v in lab}
     assert picked["blocks.0.up.kernel_lora_a@b"] == "trainable"
