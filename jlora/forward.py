@@ -169,6 +169,30 @@ def _routes(adapter: Any, tree: Any) -> tuple[jax.Array, tuple[str, ...]]:
     return ids.astype(jnp.int32), names
 
 
+def _from_nnx(fn: Any) -> bool:
+    """An NNX graphdef or module, or an NNX forward: told by class module, so that linen
+    users never import flax.nnx."""
+    return hasattr(fn, "_jlora_graphdef") or any(
+        c.__module__.startswith("flax.nnx") for c in type(fn).__mro__)
+
+
+def check_options(dropout: float, on_unconsumed: str, mode: str) -> None:
+    """:func:`lora`'s options (linen and NNX alike), or a ConfigError."""
+    if mode not in ("intercept", "merge"):
+        raise ConfigError(f"mode={mode!r}: choose 'intercept' or 'merge'.")
+    if on_unconsumed not in ("merge", "raise"):
+        raise ConfigError(f"on_unconsumed={on_unconsumed!r}: choose 'merge' or 'raise'.")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout={dropout!r} must be in [0, 1).")
+
+
+def is_names(adapter: Any) -> bool:
+    """Whether ``lora``'s ``adapter`` selects by name (a name, names or None), not per
+    example (an index array)."""
+    return adapter is None or isinstance(adapter, str) or (
+        isinstance(adapter, tuple | list) and all(isinstance(a, str) for a in adapter))
+
+
 def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
          mode: str = "intercept", adapter: Any = ALL_ADAPTERS) -> Callable:
     """Wraps ``fn(variables, *args, **kwargs)`` (e.g. ``model.apply``) to run the adapters.
@@ -211,17 +235,12 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
       >>> bool(jnp.allclose(y, model.apply(merge(p), x), atol=1e-5))
       True
     """
-    from jlora import nnx_forward  # Flax NNX: lora(graphdef) (jlora/nnx_forward.py)
+    if _from_nnx(fn):  # Flax NNX: lora(graphdef) (jlora/nnx_forward.py)
+        from jlora import nnx_forward
 
-    if nnx_forward.is_nnx(fn):
         return nnx_forward.lora(fn, dropout=dropout, on_unconsumed=on_unconsumed, mode=mode,
                                 adapter=adapter)
-    if mode not in ("intercept", "merge"):
-        raise ConfigError(f"mode={mode!r}: choose 'intercept' or 'merge'.")
-    if on_unconsumed not in ("merge", "raise"):
-        raise ConfigError(f"on_unconsumed={on_unconsumed!r}: choose 'merge' or 'raise'.")
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"dropout={dropout!r} must be in [0, 1).")
+    check_options(dropout, on_unconsumed, mode)
 
     @functools.wraps(fn)
     def wrapped(variables, *args, **kwargs):
@@ -229,8 +248,7 @@ def lora(fn: Callable, *, dropout: float = 0.0, on_unconsumed: str = "merge",
         adapters = P.check_adapters(P.params_of(variables), "lora")
         routes = None
         if adapters and adapter is not ALL_ADAPTERS:
-            if adapter is None or isinstance(adapter, str) or (
-                    isinstance(adapter, tuple | list) and all(isinstance(a, str) for a in adapter)):
+            if is_names(adapter):
                 variables = select(variables, adapter)
                 adapters = P.check_adapters(P.params_of(variables), "lora")
             else:

@@ -132,9 +132,9 @@ def layout(model: nn.Module, *args: Any, method: Any = None, **kwargs: Any) -> L
       >>> lay[""]
       LayerInfo(kind='dense_general', n_in=1, unsupported=None)
     """
-    from jlora import nnx_tree  # Flax NNX: read from the layers, no trace (jlora/nnx_tree.py)
+    if any(c.__module__.startswith("flax.nnx") for c in type(model).__mro__):
+        from jlora import nnx_tree  # Flax NNX: read from the layers, no trace
 
-    if isinstance(model, nnx_tree.nnx.Module):
         return nnx_tree.layout(model)
     infos: dict[str, LayerInfo] = {}
 

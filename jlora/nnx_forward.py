@@ -229,11 +229,6 @@ def _run(graphdef, tree, rate, rng, args, kwargs, routes=None):
     return out, sorted(set(want) - call.consumed)
 
 
-def is_nnx(fn: Any) -> bool:
-    """Whether ``jlora.lora`` got an NNX graphdef (or an NNX module, a mistake)."""
-    return isinstance(fn, nnx.GraphDef | nnx.Module) or hasattr(fn, "_jlora_graphdef")
-
-
 def lora(graphdef: Any, *, dropout: float = 0.0, on_unconsumed: str = "merge",
          mode: str = "intercept", adapter: Any = F.ALL_ADAPTERS) -> Callable:
     """:func:`jlora.lora` for a Flax NNX ``graphdef``: ``forward(state, *args,
@@ -265,14 +260,8 @@ def lora(graphdef: Any, *, dropout: float = 0.0, on_unconsumed: str = "merge",
                           "nnx.split(model); forward = jlora.lora(graphdef); "
                           "forward(state, *args).")
     graphdef = getattr(graphdef, "_jlora_graphdef", graphdef)
-    if mode not in ("intercept", "merge"):
-        raise ConfigError(f"mode={mode!r}: choose 'intercept' or 'merge'.")
-    if on_unconsumed not in ("merge", "raise"):
-        raise ConfigError(f"on_unconsumed={on_unconsumed!r}: choose 'merge' or 'raise'.")
-    if not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"dropout={dropout!r} must be in [0, 1).")
-    names = adapter is None or isinstance(adapter, str) or (
-        isinstance(adapter, tuple | list) and all(isinstance(a, str) for a in adapter))
+    F.check_options(dropout, on_unconsumed, mode)
+    names = F.is_names(adapter)
 
     def forward(state: Any, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any):
         tree = nnx_tree.to_pure(state) if nnx_tree.is_state(state) else state
